@@ -1,0 +1,130 @@
+"""The callables a Resolution hands out, one factory per backend.
+
+Every callable has ``torch._grouped_mm``'s contract, ``fn(A, B, offs, *, out_dtype=bf16)``:
+A (M, K), B (E, K, N), ``offs`` int32 (E,) cumulative end rows, result (M, N) in
+``out_dtype``; differentiable in A and B. Each checks metadata first (no device sync).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Protocol
+
+import torch
+
+from .generations import GroupedMMCall
+from .layout import weight_relayout
+from .reference import grouped_mm_highprec, grouped_mm_loop
+from .validation import check_metadata, check_offs_values, group_alignment_problem, mxfp8_shape_problem
+
+__all__ = ["GroupedMM", "make_bf16", "make_mxfp8", "log_once"]
+
+logger = logging.getLogger("mxfp8_compat")
+_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Log ``message`` at WARNING on the ``mxfp8_compat`` logger, once per process."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+class GroupedMM(Protocol):
+    """``torch._grouped_mm``'s contract, with ``out_dtype`` keyword-only."""
+
+    def __call__(
+        self, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor: ...
+
+
+def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
+    """The bf16 backend: ``torch._grouped_mm`` itself behind the metadata check.
+
+    With bf16 inputs and the default ``out_dtype`` the result is bitwise that of
+    ``torch._grouped_mm(A, B, offs=offs)``. ``use_loop`` selects the per-group loop where
+    this torch has no ``_grouped_mm`` kernel for the device.
+    """
+    grouped_mm = torch._grouped_mm if not use_loop else None
+    bfloat16 = torch.bfloat16
+
+    if use_loop:
+
+        def bf16_grouped_mm_loop(
+            A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = bfloat16
+        ) -> torch.Tensor:
+            check_metadata(A, B, offs, out_dtype)
+            if validate:
+                check_offs_values(A, offs)
+            return grouped_mm_loop(A, B, offs, out_dtype)
+
+        return bf16_grouped_mm_loop
+
+    def bf16_grouped_mm(
+        A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = bfloat16
+    ) -> torch.Tensor:
+        check_metadata(A, B, offs, out_dtype)
+        if validate:
+            check_offs_values(A, offs)
+        if out_dtype is A.dtype:
+            return grouped_mm(A, B, offs=offs)  # type: ignore[misc]
+        return grouped_mm_highprec(A, B, offs, out_dtype)
+
+    return bf16_grouped_mm
+
+
+def make_mxfp8(
+    call: GroupedMMCall,
+    *,
+    validate: bool,
+    group_multiple: int,
+    shape_fallback: Optional[GroupedMM],
+    label: str,
+) -> GroupedMM:
+    """An MXFP8 backend around ``call(A, B_t, offs, out_dtype)`` (torchao or the reference).
+
+    A is made contiguous and B relaid out only when it is not already per-group
+    column-major (a weight from ``prepare_weight`` is passed through untouched). Calls
+    MXFP8 cannot take (K or N not multiples of 32; misaligned groups where checked) raise
+    ValueError, or, with ``shape_fallback`` (mode "auto"), run that and log the reason once.
+    """
+    check_groups = group_multiple > 1
+
+    def reject(problem: str, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if shape_fallback is None:
+            raise ValueError(f"A, B, offs: {label} cannot run this call: {problem}")
+        log_once(f"mxfp8_compat: {label} cannot run a call ({problem}); that call runs in bf16")
+        return shape_fallback(A, B, offs, out_dtype=out_dtype)
+
+    def mxfp8_grouped_mm(
+        A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor:
+        check_metadata(A, B, offs, out_dtype)
+        problem = mxfp8_shape_problem(A, B)
+        if problem is not None:
+            return reject(problem, A, B, offs, out_dtype)
+        if validate or A.device.type == "cpu":
+            check_offs_values(A, offs)
+            if check_groups:
+                problem = group_alignment_problem(offs, group_multiple)
+                if problem is not None:
+                    return reject(problem, A, B, offs, out_dtype)
+        return call(A.contiguous(), weight_relayout(B), offs, out_dtype)
+
+    mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
+    return mxfp8_grouped_mm
+
+
+def reference_call(scale_mode, wgrad_with_hp: bool) -> GroupedMMCall:  # type: ignore[no-untyped-def]
+    """The reference emulation as a ``call(A, B_t, offs, out_dtype)``."""
+    from .reference import mxfp8_grouped_mm_reference
+
+    def reference_mxfp8(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return mxfp8_grouped_mm_reference(A, B_t, offs, out_dtype, scale_mode, wgrad_with_hp)
+
+    return reference_mxfp8
+
+
+def as_smoke_fn(fn: GroupedMM) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Adapt a backend to the smoke run's positional ``fn(A, B, offs)``."""
+    return lambda A, B, offs: fn(A, B, offs)

@@ -1,0 +1,283 @@
+"""The versioned adapter table: one row per torchao MXFP8 grouped-GEMM API generation.
+
+Each row says where a generation keeps its entry point, which parameter names its
+normalizer relies on (the signature fingerprint, checked before the row is trusted), how
+to call it for the native kernel and for torchao's own emulation, and what numerics it
+produces. Facts come from reading each published wheel (see ``shared/torchao-generations.md``).
+
+Adding the next torchao release is one :class:`Generation` row at the top of
+:data:`GENERATIONS` (newest first), one normalizer if the call changed, and one tox env.
+
+A normalizer is ``bind(entry, kernel, wgrad_with_hp) -> call`` where ``kernel`` is
+``"native"`` or ``"emulated"`` and ``call(A, B_t, offs, out_dtype)`` follows the uniform
+contract. Normalizers pass arguments by keyword wherever the entry accepts keywords, by
+position only where the entry is positional-only (0.15's ``_MXFP8GroupedMM.apply`` alias,
+whose positional layout the fingerprint pins exactly), and never fill a slot whose meaning
+changed between releases (the 4th parameter is ``block_size`` up to 0.17, ``bias`` from 0.18).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from packaging.specifiers import SpecifierSet
+
+from .reference import ScaleMode
+
+__all__ = ["Generation", "GENERATIONS", "Kernel", "GroupedMMCall", "Binder", "entry_signature_params"]
+
+Kernel = Literal["native", "emulated"]
+GroupedMMCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
+Binder = Callable[[Callable[..., Any], Kernel, bool], GroupedMMCall]
+
+_MOE = "torchao.prototype.moe_training"
+
+
+def _enum(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
+
+
+def _moe_scaling_type_mxfp8() -> Any:
+    return _enum(f"{_MOE}.conversion_utils", "MoEScalingType").MXFP8
+
+
+def _kernel_preference(kernel: Kernel) -> Any:
+    preference = _enum("torchao.quantization.quantize_.common", "KernelPreference")
+    return preference.EMULATED if kernel == "emulated" else preference.AUTO
+
+
+def _rceil() -> Any:
+    return _enum("torchao.prototype.mx_formats.config", "ScaleCalculationMode").RCEIL
+
+
+# --- normalizers -------------------------------------------------------------------------
+
+
+def bind_scaling_type(entry: Callable[..., Any], kernel: Kernel, wgrad_with_hp: bool) -> GroupedMMCall:
+    """0.13 / 0.14: ``_scaled_grouped_mm(A, B_t, offs=, out_dtype=, scaling_type=MXFP8)``.
+
+    The kernel is not selectable: 0.13 always emulates, 0.14 always runs sm_100 kernels.
+    """
+    call = functools.partial(entry, scaling_type=_moe_scaling_type_mxfp8())
+
+    def scaled_grouped_mm_mxfp8(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return call(A, B_t, offs=offs, out_dtype=out_dtype)
+
+    return scaled_grouped_mm_mxfp8
+
+
+def bind_apply_positional(entry: Callable[..., Any], kernel: Kernel, wgrad_with_hp: bool) -> GroupedMMCall:
+    """0.15: ``_to_mxfp8_then_scaled_grouped_mm = _MXFP8GroupedMM.apply``, positional only.
+
+    Slots (pinned by the fingerprint): A, B_t, offs, block_size, out_dtype, emulated,
+    use_triton_for_dim0_cast, scale_calculation_mode. 0.15's forward ignores ``emulated``.
+    """
+    rceil = _rceil()
+
+    def mxfp8_apply(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return entry(A, B_t, offs, 32, out_dtype, False, False, rceil)
+
+    return mxfp8_apply
+
+
+def bind_kernel_preference(entry: Callable[..., Any], kernel: Kernel, wgrad_with_hp: bool) -> GroupedMMCall:
+    """0.16+: ``_to_mxfp8_then_scaled_grouped_mm(A, B_t, offs=, out_dtype=, kernel_preference=, ...)``.
+
+    Keywords only past B_t, so the 4th slot (``block_size`` in 0.16/0.17, ``bias`` in 0.18)
+    is never touched.
+    """
+    call = functools.partial(
+        entry,
+        kernel_preference=_kernel_preference(kernel),
+        wgrad_with_hp=wgrad_with_hp,
+        scale_calculation_mode=_rceil(),
+    )
+
+    def to_mxfp8_then_scaled_grouped_mm(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return call(A, B_t, offs=offs, out_dtype=out_dtype)
+
+    return to_mxfp8_then_scaled_grouped_mm
+
+
+# --- signature sources ---------------------------------------------------------------------
+
+
+def entry_signature_params(entry: Callable[..., Any], through_autograd_function: bool) -> tuple[str, ...]:
+    """Parameter names of ``entry`` in order.
+
+    For an ``autograd.Function.apply`` alias (whose own signature is ``*args``), the names
+    come from the Function's ``forward`` without ``ctx``.
+    """
+    if through_autograd_function:
+        owner = getattr(entry, "__self__", None)
+        if owner is None or not hasattr(owner, "forward"):
+            raise TypeError(f"{entry!r} is not an autograd.Function.apply alias")
+        names = tuple(inspect.signature(owner.forward).parameters)
+        return names[1:]
+    return tuple(inspect.signature(entry).parameters)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One torchao MXFP8 grouped-GEMM API generation (one row of the adapter table).
+
+    Attributes:
+        key: short name ("0.18").
+        versions: torchao versions this row is written for (prereleases included).
+        entry_points: ``(module, attribute)`` candidates, tried in order.
+        fingerprint: parameter names the normalizer relies on; all must be present.
+        positional_only: the entry takes positional arguments only; then ``fingerprint``
+            must equal the leading parameters exactly, in order.
+        via_autograd_function: read the fingerprint from the ``forward`` of the
+            ``autograd.Function`` whose ``apply`` the entry is.
+        bind: the normalizer.
+        native: the generation ships a native (sm_100) kernel path.
+        emulation: "torchao" when the entry can run MXFP8 numerics without that kernel
+            (on CPU too), "reference" when it cannot and mxfp8_compat's reference stands in.
+        scale_mode: the scale rule the generation's kernels use.
+        wgrad_with_hp: the entry can keep the weight-gradient GEMM in high precision.
+        native_flag: module attribute through which torchao reports its sm_100 kernels.
+        group_multiple: token-group sizes its MXFP8 kernels require, per kernel.
+        notes: what a maintainer should know.
+    """
+
+    key: str
+    versions: SpecifierSet
+    entry_points: tuple[tuple[str, str], ...]
+    fingerprint: tuple[str, ...]
+    bind: Binder
+    native: bool
+    emulation: Literal["torchao", "reference"]
+    scale_mode: ScaleMode
+    wgrad_with_hp: bool
+    positional_only: bool = False
+    via_autograd_function: bool = False
+    native_flag: Optional[str] = None
+    group_multiple: dict[str, int] = field(default_factory=lambda: {"native": 32, "emulated": 32})
+    notes: str = ""
+
+    def __repr__(self) -> str:
+        return f"Generation({self.key!r}, versions={str(self.versions)!r})"
+
+    def fingerprint_mismatch(self, params: tuple[str, ...]) -> Optional[str]:
+        """Why ``params`` (the entry's parameter names) do not fit this row, or None."""
+        if self.positional_only:
+            head = params[: len(self.fingerprint)]
+            if head != self.fingerprint:
+                return f"positional parameters {head} differ from the expected {self.fingerprint}"
+            return None
+        missing = [name for name in self.fingerprint if name not in params]
+        if missing:
+            return f"parameters {missing} are missing (has {params})"
+        return None
+
+
+_KP_ENTRY = "_to_mxfp8_then_scaled_grouped_mm"
+_KP_FINGERPRINT = ("A", "B_t", "offs", "out_dtype", "kernel_preference", "wgrad_with_hp", "scale_calculation_mode")
+
+#: The adapter table, newest generation first.
+GENERATIONS: tuple[Generation, ...] = (
+    Generation(
+        key="0.18",
+        versions=SpecifierSet(">=0.18.0.dev0,<0.19.0.dev0", prereleases=True),
+        entry_points=(
+            (f"{_MOE}.mxfp8_grouped_mm", _KP_ENTRY),
+            (f"{_MOE}.fp8_grouped_mm", _KP_ENTRY),
+            (_MOE, _KP_ENTRY),
+        ),
+        fingerprint=_KP_FINGERPRINT + ("bias",),
+        bind=bind_kernel_preference,
+        native=True,
+        emulation="torchao",
+        scale_mode=ScaleMode.RCEIL,
+        wgrad_with_hp=True,
+        native_flag="_SM100_KERNELS_AVAILABLE",
+        group_multiple={"native": 128, "emulated": 32},
+        notes="4th parameter is now `bias`; `block_size` is gone. Native kernel needs group ends at multiples of 128.",
+    ),
+    Generation(
+        key="0.17",
+        versions=SpecifierSet(">=0.17.0.dev0,<0.18.0.dev0", prereleases=True),
+        entry_points=((f"{_MOE}.mxfp8_grouped_mm", _KP_ENTRY), (_MOE, _KP_ENTRY)),
+        fingerprint=_KP_FINGERPRINT + ("block_size", "pad_token_groups_for_grouped_mm"),
+        bind=bind_kernel_preference,
+        native=True,
+        emulation="torchao",
+        scale_mode=ScaleMode.RCEIL,
+        wgrad_with_hp=True,
+        native_flag="_SM100_KERNELS_AVAILABLE",
+        notes="Module renamed to mxfp8_grouped_mm; `block_size` still 4th but ignored.",
+    ),
+    Generation(
+        key="0.16",
+        versions=SpecifierSet(">=0.16.0.dev0,<0.17.0.dev0", prereleases=True),
+        entry_points=((f"{_MOE}.scaled_grouped_mm", _KP_ENTRY), (_MOE, _KP_ENTRY)),
+        fingerprint=_KP_FINGERPRINT + ("block_size",),
+        bind=bind_kernel_preference,
+        native=True,
+        emulation="torchao",
+        scale_mode=ScaleMode.RCEIL,
+        wgrad_with_hp=True,
+        native_flag="_SM100_KERNELS_AVAILABLE",
+        notes="First release with KernelPreference.EMULATED (forward and backward).",
+    ),
+    Generation(
+        key="0.15",
+        versions=SpecifierSet(">=0.15.0.dev0,<0.16.0.dev0", prereleases=True),
+        entry_points=((f"{_MOE}.scaled_grouped_mm", _KP_ENTRY), (_MOE, _KP_ENTRY)),
+        fingerprint=(
+            "A",
+            "B_t",
+            "offs",
+            "block_size",
+            "out_dtype",
+            "emulated",
+            "use_triton_for_dim0_cast",
+            "scale_calculation_mode",
+        ),
+        positional_only=True,
+        via_autograd_function=True,
+        bind=bind_apply_positional,
+        native=True,
+        emulation="reference",
+        scale_mode=ScaleMode.RCEIL,
+        wgrad_with_hp=False,
+        notes="Entry is `_MXFP8GroupedMM.apply`: keywords raise TypeError. Forward ignores `emulated`.",
+    ),
+    Generation(
+        key="0.14",
+        versions=SpecifierSet(">=0.14.0.dev0,<0.15.0.dev0", prereleases=True),
+        entry_points=(
+            (f"{_MOE}.scaled_grouped_mm", "_scaled_grouped_mm"),
+            (f"{_MOE}.tensor", "_scaled_grouped_mm"),
+            (_MOE, "_scaled_grouped_mm"),
+        ),
+        fingerprint=("A", "B_t", "offs", "out_dtype", "scaling_type"),
+        bind=bind_scaling_type,
+        native=True,
+        emulation="reference",
+        scale_mode=ScaleMode.FLOOR,
+        wgrad_with_hp=False,
+        notes="Forward ignores `emulated`: always torch._scaled_grouped_mm + triton (sm_100 only).",
+    ),
+    Generation(
+        key="0.13",
+        versions=SpecifierSet(">=0.13.0.dev0,<0.14.0.dev0", prereleases=True),
+        entry_points=(
+            (f"{_MOE}.scaled_grouped_mm", "_scaled_grouped_mm"),
+            (_MOE, "_scaled_grouped_mm"),
+        ),
+        fingerprint=("A", "B_t", "offs", "out_dtype", "scaling_type"),
+        bind=bind_scaling_type,
+        native=False,
+        emulation="torchao",
+        scale_mode=ScaleMode.FLOOR,
+        wgrad_with_hp=False,
+        notes="MXFP8 is always emulated (forward asserts `emulated`): no native path on any GPU.",
+    ),
+)

@@ -1,0 +1,102 @@
+"""Input checks for the uniform ``grouped_mm(A, B, offs, *, out_dtype)`` contract.
+
+Metadata checks (ndim, dtype, lengths, K match, device) read no tensor data and cost no
+device sync: every callable runs them before any kernel. Value checks (``offs``
+non-decreasing, ``offs[-1] == M``, group alignment) read ``offs`` and so cost a sync on a
+GPU: they run with ``validate=True``, and on the CPU where reading ``offs`` is free.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import BLOCK_SIZE
+
+__all__ = ["SUPPORTED_DTYPES", "check_metadata", "check_offs_values", "mxfp8_shape_problem", "group_alignment_problem"]
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def check_metadata(A: object, B: object, offs: object, out_dtype: object) -> None:
+    """Raise TypeError / ValueError naming the argument when the call breaks the contract.
+
+    The passing case is one boolean expression, so a well-formed call pays little.
+    """
+    try:
+        if (
+            A.dim() == 2  # type: ignore[attr-defined]
+            and B.dim() == 3  # type: ignore[attr-defined]
+            and offs.dim() == 1  # type: ignore[attr-defined]
+            and offs.dtype is torch.int32  # type: ignore[attr-defined]
+            and A.dtype is B.dtype  # type: ignore[attr-defined]
+            and A.dtype in SUPPORTED_DTYPES  # type: ignore[attr-defined]
+            and out_dtype in SUPPORTED_DTYPES
+            and offs.shape[0] == B.shape[0]  # type: ignore[attr-defined]
+            and A.shape[1] == B.shape[1]  # type: ignore[attr-defined]
+            and A.device == B.device == offs.device  # type: ignore[attr-defined]
+        ):
+            return
+    except AttributeError:
+        pass
+    _explain_metadata(A, B, offs, out_dtype)
+
+
+def _explain_metadata(A: object, B: object, offs: object, out_dtype: object) -> None:
+    for name, value in (("A", A), ("B", B), ("offs", offs)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    assert isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor) and isinstance(offs, torch.Tensor)
+    if A.dim() != 2:
+        raise ValueError(f"A: expected a 2D (M, K) tensor, got {A.dim()}D with shape {tuple(A.shape)}")
+    if B.dim() != 3:
+        raise ValueError(f"B: expected a 3D (E, K, N) tensor, got {B.dim()}D with shape {tuple(B.shape)}")
+    if offs.dim() != 1:
+        raise ValueError(f"offs: expected a 1D (E,) tensor of cumulative group ends, got shape {tuple(offs.shape)}")
+    if offs.dtype is not torch.int32:
+        raise TypeError(f"offs: expected dtype torch.int32, got {offs.dtype}")
+    if A.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"A: expected dtype torch.bfloat16 or torch.float32, got {A.dtype}")
+    if B.dtype is not A.dtype:
+        raise TypeError(f"B: expected the dtype of A ({A.dtype}), got {B.dtype}")
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"out_dtype: expected torch.bfloat16 or torch.float32, got {out_dtype!r}")
+    if offs.shape[0] != B.shape[0]:
+        raise ValueError(f"offs: expected length E={B.shape[0]} (B.shape[0]), got {offs.shape[0]}")
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"B: expected K={A.shape[1]} (A.shape[1]) in B.shape[1], got B of shape {tuple(B.shape)}")
+    if not (A.device == B.device == offs.device):
+        raise ValueError(f"A, B, offs: expected one device, got A on {A.device}, B on {B.device}, offs on {offs.device}")
+    raise AssertionError("check_metadata rejected a call that _explain_metadata accepts")  # pragma: no cover
+
+
+def check_offs_values(A: torch.Tensor, offs: torch.Tensor) -> None:
+    """Raise ValueError unless ``offs`` is non-decreasing, non-negative and ends at M (reads offs)."""
+    ends = offs.tolist()
+    if any(end < 0 for end in ends):
+        raise ValueError(f"offs: expected non-negative group ends, got {ends}")
+    if any(later < earlier for earlier, later in zip(ends, ends[1:])):
+        raise ValueError(f"offs: expected non-decreasing cumulative group ends, got {ends}")
+    if ends and ends[-1] != A.shape[0]:
+        raise ValueError(f"offs: expected offs[-1] == M == {A.shape[0]} (A.shape[0]), got {ends[-1]}")
+
+
+def mxfp8_shape_problem(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
+    """Why this (already valid) call cannot run in MXFP8, from metadata alone; None when it can."""
+    K, N = B.shape[1], B.shape[2]
+    if K % BLOCK_SIZE:
+        return f"K={K} is not a multiple of {BLOCK_SIZE} (MXFP8 scales blocks of {BLOCK_SIZE} along K)"
+    if N % BLOCK_SIZE:
+        return f"N={N} is not a multiple of {BLOCK_SIZE} (the input-gradient GEMM scales blocks of {BLOCK_SIZE} along N)"
+    return None
+
+
+def group_alignment_problem(offs: torch.Tensor, multiple: int) -> Optional[str]:
+    """Why the groups in ``offs`` break a kernel's alignment rule (reads offs); None when they don't."""
+    if multiple <= 1:
+        return None
+    misaligned = [end for end in offs.tolist() if end % multiple]
+    if misaligned:
+        return f"group ends {misaligned} are not multiples of {multiple}, as this MXFP8 kernel requires (pad token groups)"
+    return None
