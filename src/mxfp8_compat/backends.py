@@ -73,10 +73,27 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
     return bf16_grouped_mm
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    torchao's quantisers assert contiguity, and ``out.sum().backward()`` (or any expand or
+    transpose after the GEMM) produces a strided gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
 def make_mxfp8(
     call: GroupedMMCall,
     *,
     validate: bool,
+    contiguous_grad: bool,
     group_multiple: int,
     shape_fallback: Optional[GroupedMM],
     label: str,
@@ -87,6 +104,7 @@ def make_mxfp8(
     column-major (a weight from ``prepare_weight`` is passed through untouched). Calls
     MXFP8 cannot take (K or N not multiples of 32; misaligned groups where checked) raise
     ValueError, or, with ``shape_fallback`` (mode "auto"), run that and log the reason once.
+    ``contiguous_grad`` makes the incoming gradient contiguous for callees that need it.
     """
     check_groups = group_multiple > 1
 
@@ -109,7 +127,10 @@ def make_mxfp8(
                 problem = group_alignment_problem(offs, group_multiple)
                 if problem is not None:
                     return reject(problem, A, B, offs, out_dtype)
-        return call(A.contiguous(), weight_relayout(B), offs, out_dtype)
+        out = call(A.contiguous(), weight_relayout(B), offs, out_dtype)
+        if contiguous_grad and out.requires_grad:
+            return _ContiguousGrad.apply(out)
+        return out
 
     mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
     return mxfp8_grouped_mm

@@ -220,6 +220,7 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
     fn = make_mxfp8(
         bound.bind("native", ctx.wgrad_with_hp and generation.wgrad_with_hp),
         validate=ctx.validate,
+        contiguous_grad=True,
         group_multiple=generation.group_multiple["native"],
         shape_fallback=shape_fallback,
         label=f"torchao {generation.key} native MXFP8",
@@ -260,6 +261,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
             fn = make_mxfp8(
                 bound.bind("emulated", ctx.wgrad_with_hp and generation.wgrad_with_hp),
                 validate=ctx.validate,
+                contiguous_grad=True,
                 group_multiple=generation.group_multiple["emulated"],
                 shape_fallback=None,
                 label=f"torchao {generation.key} emulated MXFP8",
@@ -287,6 +289,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
     fn = make_mxfp8(
         reference_call(scale_mode, ctx.wgrad_with_hp),
         validate=ctx.validate,
+        contiguous_grad=False,
         group_multiple=1,
         shape_fallback=None,
         label="reference emulated MXFP8",
