@@ -21,8 +21,8 @@ inf and all-zero blocks) so that a torchao emulated path and this reference can 
 compared bit for bit:
 
 * a block containing NaN gets the NaN scale (e8m0 255): the whole block dequantises to NaN;
-* a block containing inf: FLOOR gives scale ``2**120`` and the inf element becomes
-  ``448 * 2**120``, RCEIL gives the inf scale (254) and the block dequantises to NaN/inf;
+* a block containing inf (FLOOR scale ``2**120``, RCEIL scale ``2**127``): the inf element
+  dequantises to inf again and every other element of the block flushes to zero;
 * an all-zero block gets the smallest scale (e8m0 0) and stays zero;
 * values below e4m3's smallest subnormal (``2**-9`` times the block scale) flush to zero.
 

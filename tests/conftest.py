@@ -1,0 +1,111 @@
+"""Shared fixtures: a clean resolver per test, fake torchao installs, random problems."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pytest
+import torch
+
+import mxfp8_compat
+from mxfp8_compat import probes
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fakes  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts with an empty resolve() cache, no mode override and no logged warnings."""
+    monkeypatch.delenv("MXFP8_COMPAT_MODE", raising=False)
+    monkeypatch.delenv("MXFP8_COMPAT_ISOLATE", raising=False)
+    mxfp8_compat.reset()
+    yield
+    mxfp8_compat.reset()
+
+
+@pytest.fixture
+def no_torchao(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behave as if torchao were not installed (the probe reads its metadata first)."""
+    monkeypatch.setattr(probes, "installed_torchao_version", lambda: None)
+
+
+@dataclass
+class FakeTorchao:
+    version: str
+    root: Path
+
+    @property
+    def impl(self):  # the fake's shared module: CALLS, FAKE_MODE, NATIVE_WORKS
+        return importlib.import_module("torchao._fake_impl")
+
+
+@pytest.fixture
+def fake_torchao(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeTorchao]]:
+    """Install a fake torchao (version, files) ahead of any real one for this test."""
+    saved = fakes.purge_torchao_modules()
+    created: list[FakeTorchao] = []
+
+    def install(version: str, files: dict[str, str]) -> FakeTorchao:
+        root = fakes.write_fake_torchao(tmp_path / f"site-{len(created)}", version, files)
+        monkeypatch.syspath_prepend(str(root))
+        importlib.invalidate_caches()
+        fake = FakeTorchao(version, root)
+        created.append(fake)
+        return fake
+
+    yield install
+    fakes.purge_torchao_modules()
+    sys.modules.update(saved)
+
+
+@dataclass
+class Problem:
+    A: torch.Tensor
+    B: torch.Tensor
+    offs: torch.Tensor
+    grad_out: torch.Tensor
+
+
+def make_problem(
+    group_rows: tuple[int, ...] = (64, 96, 32, 128),
+    k: int = 128,
+    n: int = 96,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+    requires_grad: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> Problem:
+    """Fresh random-normal inputs (never zeros) for a grouped GEMM with the given group sizes."""
+    m = sum(group_rows)
+    A = torch.randn(m, k, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    B = torch.randn(len(group_rows), k, n, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    offs = torch.tensor(group_rows, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    grad_out = torch.randn(m, n, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    A.requires_grad_(requires_grad)
+    B.requires_grad_(requires_grad)
+    return Problem(A, B, offs, grad_out)
+
+
+def float64_reference(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output and gradients of the grouped GEMM in float64."""
+    from mxfp8_compat.reference import grouped_mm_float64
+
+    A = problem.A.detach().double().requires_grad_(True)
+    B = problem.B.detach().double().requires_grad_(True)
+    out = grouped_mm_float64(A, B, problem.offs)
+    out.backward(problem.grad_out.double())
+    return out.detach(), A.grad, B.grad
+
+
+def run_with_grads(fn, problem: Problem, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``fn(A, B, offs)`` forward and backward on fresh leaves; return out, dA, dB."""
+    A = problem.A.detach().clone().requires_grad_(True)
+    B = problem.B.detach().clone().requires_grad_(True)
+    out = fn(A, B, problem.offs, **kwargs)
+    out.backward(problem.grad_out.to(out.dtype))
+    return out.detach(), A.grad, B.grad

@@ -1,0 +1,111 @@
+"""resolve(): modes, environment variable, caching, thread safety, the Resolution record."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import pytest
+import torch
+
+import mxfp8_compat
+from mxfp8_compat import MXFP8Unavailable, Resolution, resolve
+
+
+def test_unknown_mode_is_a_value_error_naming_the_choices():
+    with pytest.raises(ValueError, match="mode: expected one of auto, native, emulated, off, got 'fast'"):
+        resolve("fast")
+
+
+def test_unknown_mode_from_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MXFP8_COMPAT_MODE", "turbo")
+    with pytest.raises(ValueError, match="MXFP8_COMPAT_MODE"):
+        resolve()
+
+
+def test_environment_variable_selects_the_mode(monkeypatch, no_torchao):
+    monkeypatch.setenv("MXFP8_COMPAT_MODE", "emulated")
+    assert resolve().backend == "mxfp8-emulated"
+    monkeypatch.setenv("MXFP8_COMPAT_MODE", "off")
+    assert resolve().backend == "bf16"
+
+
+def test_explicit_mode_wins_over_environment(monkeypatch, no_torchao):
+    monkeypatch.setenv("MXFP8_COMPAT_MODE", "emulated")
+    assert resolve("off").backend == "bf16"
+
+
+def test_bad_device_is_a_value_error():
+    with pytest.raises(ValueError, match="device"):
+        resolve("off", device="warp-drive")
+
+
+def test_cached_per_argument_set_and_cleared_by_reset(no_torchao):
+    first = resolve("off", device="cpu")
+    assert resolve("off", device="cpu") is first
+    assert resolve("off", device="cpu", validate=True) is not first
+    mxfp8_compat.reset()
+    assert resolve("off", device="cpu") is not first
+
+
+def test_resolution_is_a_frozen_record(no_torchao):
+    res = resolve("emulated", device="cpu")
+    assert isinstance(res, Resolution)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.backend = "bf16"  # type: ignore[misc]
+    assert res.torch_version == torch.__version__
+    assert res.device == torch.device("cpu")
+    assert res.torchao_version is None
+    assert res.generation is None
+    assert all(isinstance(reason, str) and reason for reason in res.reasons)
+
+
+def test_off_takes_the_preferred_path_so_reasons_are_empty(no_torchao):
+    res = resolve("off", device="cpu")
+    assert res.backend == "bf16" and res.reasons == ()
+
+
+def test_native_without_torchao_raises_with_every_reason(no_torchao):
+    with pytest.raises(MXFP8Unavailable) as info:
+        resolve("native", device="cpu")
+    assert "torchao is not installed" in str(info.value)
+    assert info.value.reasons == ("torchao is not installed",)
+
+
+def test_auto_falls_back_to_bf16_and_logs_once(no_torchao, caplog):
+    with caplog.at_level(logging.WARNING, logger="mxfp8_compat"):
+        res = resolve("auto", device="cpu")
+        resolve("auto", device="cpu", validate=True)
+    assert res.backend == "bf16"
+    assert "torchao is not installed" in res.reasons
+    fallbacks = [r for r in caplog.records if "using bf16" in r.getMessage()]
+    assert len(fallbacks) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_sixteen_threads_get_one_resolution_and_one_smoke_run(no_torchao, monkeypatch):
+    from mxfp8_compat import probes
+
+    calls = []
+    real_smoke = probes.smoke_run
+
+    def counting_smoke(*args, **kwargs):
+        calls.append(1)
+        return real_smoke(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "smoke_run", counting_smoke)
+    barrier = threading.Barrier(16)
+    results: list[Resolution] = []
+
+    def worker():
+        barrier.wait()
+        results.append(resolve("emulated", device="cpu"))
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 16
+    assert all(result is results[0] for result in results)
+    assert len(calls) == 1
