@@ -41,6 +41,12 @@ def test_bad_device_is_a_value_error():
         resolve("off", device="warp-drive")
 
 
+def test_cuda_device_without_cuda_is_a_value_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device: 'cuda:1' requested but this torch"):
+        resolve("off", device="cuda:1")
+
+
 def test_cached_per_argument_set_and_cleared_by_reset(no_torchao):
     first = resolve("off", device="cpu")
     assert resolve("off", device="cpu") is first

@@ -206,10 +206,10 @@ def grouped_mm_support(device_type: str, dtype: torch.dtype) -> tuple[bool, bool
     """
     if not hasattr(torch, "_grouped_mm"):
         return False, False
-    A = torch.ones(32, 32, dtype=dtype, device=device_type)
-    B = torch.ones(2, 32, 32, dtype=dtype, device=device_type)
-    offs = torch.tensor([16, 32], dtype=torch.int32, device=device_type)
     try:
+        A = torch.ones(32, 32, dtype=dtype, device=device_type)
+        B = torch.ones(2, 32, 32, dtype=dtype, device=device_type)
+        offs = torch.tensor([16, 32], dtype=torch.int32, device=device_type)
         torch._grouped_mm(A, B, offs=offs)
     except Exception:  # noqa: BLE001 - any failure means "does not run here"
         return False, False
