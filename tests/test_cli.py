@@ -1,0 +1,55 @@
+"""python -m mxfp8_compat: the report, its JSON, and its exit status."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mxfp8_compat.cli import main
+
+
+def test_json_report_has_the_documented_keys(no_torchao):
+    out = io.StringIO()
+    status = main(["--json", "--device", "cpu"], stdout=out)
+    report = json.loads(out.getvalue())
+    for key in ("torch_version", "torchao_version", "device", "capability", "generation", "modes"):
+        assert key in report
+    assert set(report["modes"]) == {"auto", "native", "emulated", "off"}
+    for entry in report["modes"].values():
+        assert {"backend", "reasons", "smoke_sqnr_db"} <= set(entry)
+    assert report["modes"]["emulated"]["smoke_sqnr_db"] >= 27
+    assert report["modes"]["native"]["backend"] is None
+    assert status == 0
+
+
+def test_exit_status_follows_the_requested_mode(no_torchao):
+    assert main(["--mode", "native", "--device", "cpu"], stdout=io.StringIO()) == 1
+    assert main(["--mode", "emulated", "--device", "cpu"], stdout=io.StringIO()) == 0
+
+
+def test_text_report_has_no_colour_codes_off_a_terminal(no_torchao):
+    out = io.StringIO()
+    main(["--device", "cpu"], stdout=out)
+    text = out.getvalue()
+    assert "\033[" not in text
+    assert "verdict:" in text and "emulated" in text
+
+
+def test_module_entry_point_runs_in_a_fresh_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "mxfp8_compat", "--json", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["device"] == "cpu"
+
+
+def test_bad_device_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--device", "nonsense"])
+    assert info.value.code == 2
+    assert "device" in capsys.readouterr().err
