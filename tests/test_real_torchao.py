@@ -1,6 +1,6 @@
 """The installed torchao, whatever the tox env put there (skipped where there is none).
 
-Each tox env sets MXFP8_COMPAT_EXPECT_GENERATION (and MXFP8_COMPAT_EXPECT_EMULATION) so the
+Each tox env sets MXFP8_COMPAT_EXPECT_GENERATION (and MXFP8_COMPAT_EXPECT_CPU_EMULATION) so the
 test checks the adapter table against an expectation written independently of it.
 """
 
@@ -16,7 +16,7 @@ from mxfp8_compat import MXFP8Unavailable, probes, resolve, sqnr_db
 
 INSTALLED = probes.installed_torchao_version()
 EXPECT_GENERATION = os.environ.get("MXFP8_COMPAT_EXPECT_GENERATION")
-EXPECT_EMULATION = os.environ.get("MXFP8_COMPAT_EXPECT_EMULATION")
+EXPECT_CPU_EMULATION = os.environ.get("MXFP8_COMPAT_EXPECT_CPU_EMULATION")
 
 pytestmark = pytest.mark.skipif(INSTALLED is None, reason="no torchao installed in this environment")
 
@@ -34,8 +34,8 @@ def test_generation_row_chosen_for_the_installed_release():
 def test_emulated_numerics_on_cpu_meet_torchao_thresholds():
     res = resolve("emulated", device="cpu")
     assert res.backend == "mxfp8-emulated"
-    if EXPECT_EMULATION:
-        assert res.emulation == EXPECT_EMULATION, res.reasons
+    if EXPECT_CPU_EMULATION:
+        assert res.emulation == EXPECT_CPU_EMULATION, res.reasons
     problem = make_problem(group_rows=(128, 64, 96, 32), k=256, n=128)
     out, dA, dB = run_with_grads(res, problem)
     ref_out, ref_dA, ref_dB = float64_reference(problem)
@@ -69,3 +69,15 @@ def test_auto_on_cuda_matches_the_device():
     if major != 10:
         assert res.backend == "bf16"
         assert any("compute capability" in r or "always emulated" in r for r in res.reasons), res.reasons
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_emulated_out_dtype_and_strided_gradient(out_dtype):
+    """float32 output and an expanded gradient (out.sum().backward()) both work on every release."""
+    res = resolve("emulated", device="cpu")
+    problem = make_problem(group_rows=(64, 64), k=64, n=64)
+    out = res(problem.A, problem.B, problem.offs, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    out.sum().backward()
+    assert problem.A.grad is not None and torch.isfinite(problem.A.grad).all()
+    assert problem.B.grad is not None and torch.isfinite(problem.B.grad).all()

@@ -21,7 +21,7 @@ from . import probes
 from .backends import GroupedMM, as_smoke_fn, log_once, make_bf16, make_mxfp8, reference_call
 from .errors import MXFP8Unavailable
 from .generations import Generation
-from .reference import DEFAULT_SCALE_MODE
+from .reference import DEFAULT_SCALE_MODE, grouped_mm_support
 
 __all__ = ["Mode", "Backend", "Resolution", "resolve", "reset", "MODE_ENV_VAR"]
 
@@ -267,6 +267,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
                 group_multiple=generation.group_multiple["emulated"],
                 shape_fallback=None,
                 label=f"torchao {generation.key} emulated MXFP8",
+                float32_out=grouped_mm_support(ctx.device.type, torch.bfloat16)[1],
             )
             smoke = probes.smoke_run(as_smoke_fn(fn), ctx.device)
             if smoke.problem is None:
