@@ -11,6 +11,7 @@ Modes:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union, get_args
@@ -21,6 +22,7 @@ from . import probes
 from .backends import GroupedMM, as_smoke_fn, log_once, make_bf16, make_mxfp8, reference_call
 from .errors import MXFP8Unavailable
 from .generations import Generation
+from .isolation import ISOLATE_ENV_VAR, isolated_problem
 from .reference import DEFAULT_SCALE_MODE, grouped_mm_support
 
 __all__ = ["Mode", "Backend", "Resolution", "resolve", "reset", "MODE_ENV_VAR"]
@@ -86,6 +88,7 @@ def resolve(
     device: Union[str, torch.device, None] = None,
     validate: bool = False,
     wgrad_with_hp: bool = True,
+    isolate: Optional[bool] = None,
 ) -> Resolution:
     """Resolve the grouped GEMM for ``mode`` on ``device``; cached per argument set, thread-safe.
 
@@ -100,12 +103,15 @@ def resolve(
             generation supports it (0.16+) and in the reference emulation. Default True:
             it avoids NaN weight gradients from saturating e8m0 scales, for the price of
             one bf16 GEMM in backward.
+        isolate: import torchao and run the smoke runs in a subprocess first (a torch/torchao
+            build mismatch can abort the interpreter); the verdict is cached on disk. None
+            reads ``MXFP8_COMPAT_ISOLATE`` ("1" enables).
 
     Raises:
         ValueError: unknown ``mode``.
         MXFP8Unavailable: ``mode="native"`` (or ``"emulated"``) cannot run here.
     """
-    key = (mode, os.environ.get(MODE_ENV_VAR), device, validate, wgrad_with_hp)
+    key = (mode, os.environ.get(MODE_ENV_VAR), device, validate, wgrad_with_hp, isolate, os.environ.get(ISOLATE_ENV_VAR))
     try:
         return _cache[key]
     except (KeyError, TypeError):
@@ -113,7 +119,9 @@ def resolve(
     with _lock:
         cached = _cache.get(key)
         if cached is None:
-            cached = _resolve_uncached(_normalise_mode(mode), _normalise_device(device), validate, wgrad_with_hp)
+            if isolate is None:
+                isolate = os.environ.get(ISOLATE_ENV_VAR, "") == "1"
+            cached = _resolve_uncached(_normalise_mode(mode), _normalise_device(device), validate, wgrad_with_hp, isolate)
             _cache[key] = cached
         return cached
 
@@ -151,6 +159,7 @@ class _Context:
     device: torch.device
     validate: bool
     wgrad_with_hp: bool
+    isolate: bool = False
     torchao_version: Optional[str] = None
     match: Optional[probes.GenerationMatch] = None
     torchao_reasons: tuple[str, ...] = ()
@@ -163,6 +172,11 @@ def _probe_torchao(ctx: _Context) -> None:
     if ctx.torchao_version is None:
         ctx.torchao_reasons = ("torchao is not installed",)
         return
+    if ctx.isolate and "torchao.prototype.moe_training" not in sys.modules:
+        problem = isolated_problem(ctx.torchao_version, ctx.device)
+        if problem is not None:
+            ctx.torchao_reasons = (f"torchao {ctx.torchao_version} is installed but unusable: {problem}",)
+            return
     problem = probes.import_problem()
     if problem is not None:
         ctx.torchao_reasons = (f"torchao {ctx.torchao_version} is installed but unusable: {problem}",)
@@ -177,8 +191,8 @@ def _probe_bf16(ctx: _Context) -> None:
     ctx.bf16_reasons = (problem,) if problem else ()
 
 
-def _resolve_uncached(mode: Mode, device: torch.device, validate: bool, wgrad_with_hp: bool) -> Resolution:
-    ctx = _Context(device=device, validate=validate, wgrad_with_hp=wgrad_with_hp)
+def _resolve_uncached(mode: Mode, device: torch.device, validate: bool, wgrad_with_hp: bool, isolate: bool) -> Resolution:
+    ctx = _Context(device=device, validate=validate, wgrad_with_hp=wgrad_with_hp, isolate=isolate)
     _probe_bf16(ctx)
     if mode == "off":
         return _bf16_resolution(ctx, mode, ())
