@@ -71,13 +71,14 @@ def test_auto_on_cuda_matches_the_device():
         assert any("compute capability" in r or "always emulated" in r for r in res.reasons), res.reasons
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_emulated_out_dtype_and_strided_gradient(out_dtype):
-    """float32 output and an expanded gradient (out.sum().backward()) both work on every release."""
+def test_emulated_dtypes_and_strided_gradient(dtype, out_dtype):
+    """float32 inputs and outputs, and an expanded gradient (out.sum().backward()), work on every release."""
     res = resolve("emulated", device="cpu")
-    problem = make_problem(group_rows=(64, 64), k=64, n=64)
+    problem = make_problem(group_rows=(64, 64), k=64, n=64, dtype=dtype)
     out = res(problem.A, problem.B, problem.offs, out_dtype=out_dtype)
     assert out.dtype == out_dtype
     out.sum().backward()
-    assert problem.A.grad is not None and torch.isfinite(problem.A.grad).all()
+    assert problem.A.grad is not None and problem.A.grad.dtype == dtype and torch.isfinite(problem.A.grad).all()
     assert problem.B.grad is not None and torch.isfinite(problem.B.grad).all()

@@ -98,6 +98,7 @@ def make_mxfp8(
     shape_fallback: Optional[GroupedMM],
     label: str,
     float32_out: bool = True,
+    bf16_operands: bool = False,
 ) -> GroupedMM:
     """An MXFP8 backend around ``call(A, B_t, offs, out_dtype)`` (torchao or the reference).
 
@@ -110,6 +111,9 @@ def make_mxfp8(
     calls ``torch._grouped_mm``, whose CPU kernel emits only the input dtype): float32 is
     then the bf16 result upcast, which costs nothing measurable next to MXFP8's own error
     (~28 dB against bf16 rounding's ~50 dB), and is logged once.
+    ``bf16_operands`` rounds float32 A and B to bf16 before the callee (torchao 0.16+'s
+    high-precision weight-gradient GEMM fails on float32 inputs: "expected m1 and m2 to have
+    the same dtype"); like the upcast, this is far below MXFP8's own rounding.
     """
     check_groups = group_multiple > 1
 
@@ -132,6 +136,8 @@ def make_mxfp8(
                 problem = group_alignment_problem(offs, group_multiple)
                 if problem is not None:
                     return reject(problem, A, B, offs, out_dtype)
+        if bf16_operands and A.dtype is torch.float32:
+            A, B = A.to(torch.bfloat16), B.to(torch.bfloat16)
         if out_dtype is torch.float32 and not float32_out:
             log_once(f"mxfp8_compat: {label} cannot emit float32 on {A.device.type}; float32 output is its bf16 output upcast")
             out = call(A.contiguous(), weight_relayout(B), offs, torch.bfloat16).float()
