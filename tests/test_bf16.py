@@ -62,3 +62,23 @@ def test_loop_fallback_matches_when_torch_has_no_grouped_mm(no_torchao, monkeypa
     out, dA, dB = run_with_grads(res, problem)
     ref_out, ref_dA, ref_dB = float64_reference(problem)
     assert sqnr_db(ref_out, out) > 45 and sqnr_db(ref_dA, dA) > 40 and sqnr_db(ref_dB, dB) > 40
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bitwise_identical_on_cuda(no_torchao):
+    problem = make_problem(device="cuda")
+    out, dA, dB = run_with_grads(resolve("auto", device="cuda"), problem)
+    ref_out, ref_dA, ref_dB = run_with_grads(lambda A, B, offs: torch._grouped_mm(A, B, offs=offs), problem)
+    assert torch.equal(out, ref_out) and torch.equal(dA, ref_dA) and torch.equal(dB, ref_dB)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_emulated_reference_on_cuda(no_torchao):
+    problem = make_problem(device="cuda", k=256, n=128)
+    res = resolve("emulated", device="cuda")
+    assert res.emulation == "reference"
+    out, dA, dB = run_with_grads(res, problem)
+    ref_out, ref_dA, ref_dB = float64_reference(problem)
+    assert sqnr_db(ref_out, out) >= 27 and sqnr_db(ref_dA, dA) >= 25 and sqnr_db(ref_dB, dB) >= 24

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU rows of the compatibility matrix: the tox envs' commands (pytest, then the record),
+# run on the device tool's GPU machine, whose torch (2.11.0+cu130) is preinstalled and which
+# has no network. Carry .carry/ (pytest's wheels in .carry/whl, torchao's in .carry/ao):
+#
+#   device run: bash tools/device_matrix.sh      (carry: [".carry"])
+#
+# Everything lands in $OUT/gpu-matrix.tar.gz: results/<env>-<device>.json, and each env's log.
+set -u
+out=${OUT:-/tmp/out}
+work=/tmp/device-matrix
+rm -rf "$work" && mkdir -p "$work/results" "$work/logs"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-test .carry/whl/*.whl || exit 1
+runner="device tool: preinstalled torch $(python3 -c 'import torch; print(torch.__version__)'), carried torchao wheel"
+
+run_env() {  # env name, wheel glob (empty: no torchao), expected generation
+    local env=$1 wheel=$2 expect=$3 site=/tmp/site-$1
+    rm -rf "$site" && mkdir -p "$site"
+    if [ -n "$wheel" ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .carry/ao/$wheel || return 1
+    fi
+    export PYTHONPATH="$site:/tmp/site-test:$PWD/src"
+    MXFP8_COMPAT_EXPECT_GENERATION=$expect MXFP8_COMPAT_CACHE_DIR=/tmp/cache-$env \
+        timeout 480 python3 -m pytest -q -p no:cacheprovider --junitxml="$work/logs/$env.xml" >"$work/logs/$env.log" 2>&1
+    echo "$env pytest exit $?: $(tail -n 1 "$work/logs/$env.log")"
+    python3 -m mxfp8_compat.matrix record --env "$env" --junit "$work/logs/$env.xml" --dir "$work/results" --runner "$runner" \
+        >>"$work/logs/$env.log" 2>&1 || echo "$env: record failed"
+}
+
+nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
+run_env notorchao "" "" &
+run_env torchao013 "torchao-0.13.0*" 0.13 &
+run_env torchao014 "torchao-0.14.1*" 0.14 &
+run_env torchao015 "torchao-0.15.0*" 0.15 &
+run_env torchao016 "torchao-0.16.0*" 0.16 &
+run_env torchao017 "torchao-0.17.0*" 0.17 &
+run_env torchao018 "torchao-0.18.0*" 0.18 &
+wait
+tar -czf "$out/gpu-matrix.tar.gz" -C "$work" results logs
+ls "$work/results"
