@@ -67,13 +67,23 @@ def test_floor_and_rceil_scales_on_known_blocks():
     assert rceil[1, 0].item() == 480.0  # 240 * 2, exactly representable in e4m3
 
 
-def test_round_trip_is_exact_for_representable_values():
+def test_rceil_round_trip_is_exact_for_representable_values():
+    """RCEIL never saturates, so MXFP8 values re-quantise to themselves (power-of-two rescaling keeps mantissas)."""
     exponents = torch.randint(100, 140, (4, 2), dtype=torch.uint8)
     data = torch.randn(4, 64).clamp(-448, 448).to(torch.float8_e4m3fn)
     values = mx_dequantize(data, exponents, torch.float32)
-    again = mx_fake_quantize(values, dim=-1, scale_mode="floor").float()
-    # FLOOR maps each block's amax back into [256, 448]: same e4m3 mantissas, maybe a different exponent.
-    assert torch.equal(again, values) or sqnr_db(values, again) > 60
+    assert torch.equal(mx_fake_quantize(values, dim=-1, scale_mode="rceil").float(), values)
+
+
+def test_floor_saturates_blocks_whose_amax_mantissa_exceeds_448():
+    """FLOOR maps amax into [256, 512): 1.875 * 2**k lands on 480 and saturates to 448 (the OCP rule)."""
+    values = torch.zeros(1, 32)
+    values[0, 0] = 1.875 * 2.0**-3
+    values[0, 1] = 2.0**-3
+    floor = mx_fake_quantize(values, dim=-1, scale_mode="floor").float()
+    assert floor[0, 0].item() == 1.75 * 2.0**-3  # 448 * 2**(floor(log2(0.234)) - 8)
+    assert floor[0, 1].item() == 2.0**-3
+    assert torch.equal(mx_fake_quantize(values, dim=-1, scale_mode="rceil").float(), values)
 
 
 def test_special_values_behave_as_documented():
