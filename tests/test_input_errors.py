@@ -64,3 +64,71 @@ def test_mxfp8_shape_requirements_raise_in_emulated_mode(no_torchao):
     p = make_problem(group_rows=(32, 32), k=64, n=40, requires_grad=False)
     with pytest.raises(ValueError, match="N=40 is not a multiple of 32"):
         resolve("emulated", device="cpu")(p.A, p.B, p.offs)
+
+
+def test_auto_runs_unaligned_shapes_in_bf16_and_logs_once(fake_torchao, monkeypatch, caplog):
+    """In auto mode a call MXFP8 cannot take runs in bf16 (logged once); native mode raises."""
+    import fakes
+    from mxfp8_compat import probes
+    from mxfp8_compat.reference import grouped_mm_highprec
+
+    working_native = fakes._ENUMS["torchao/_fake_impl.py"].replace("if not NATIVE_WORKS:", "if False:")
+    fake_torchao("0.18.0", {**fakes.GEN_018, "torchao/_fake_impl.py": working_native})
+    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    fn = resolve("auto", device="cpu")
+    assert fn.backend == "mxfp8"
+    p = make_problem(group_rows=(32, 32), k=48, n=64, requires_grad=False)
+    with caplog.at_level(logging.WARNING, logger="mxfp8_compat"):
+        out1 = fn(p.A, p.B, p.offs)
+        out2 = fn(p.A, p.B, p.offs)
+    assert torch.equal(out1, grouped_mm_highprec(p.A, p.B, p.offs)) and torch.equal(out1, out2)
+    assert len([r for r in caplog.records if "K=48 is not a multiple of 32" in r.getMessage()]) == 1
+    p = make_problem(group_rows=(64, 64), k=64, n=64, requires_grad=False)  # misaligned for 0.18's native kernel (128)
+    assert torch.equal(fn(p.A, p.B, p.offs), grouped_mm_highprec(p.A, p.B, p.offs))
+    assert any("not multiples of 128" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="not multiples of 128"):
+        resolve("native", device="cpu")(p.A, p.B, p.offs)
+
+
+@pytest.mark.parametrize("mode", ["off", "emulated"])
+def test_non_contiguous_A_and_either_B_layout_give_the_same_result(no_torchao, mode):
+    from mxfp8_compat import weight_relayout
+
+    p = make_problem(group_rows=(64, 32, 32), k=64, n=64, requires_grad=False)
+    fn = resolve(mode, device="cpu")
+    expected = fn(p.A, weight_relayout(p.B), p.offs)
+    A_strided = p.A.t().contiguous().t()  # same values, column-major
+    assert not A_strided.is_contiguous()
+    assert torch.equal(fn(A_strided, p.B, p.offs), expected)
+    assert torch.equal(fn(p.A, p.B.contiguous(), p.offs), expected)
+
+
+@pytest.mark.parametrize("mode", ["off", "emulated"])
+def test_empty_groups_give_zero_rows_of_work_and_zero_weight_grads(no_torchao, mode):
+    from conftest import float64_reference, run_with_grads
+    from mxfp8_compat import sqnr_db
+
+    p = make_problem(group_rows=(0, 64, 0, 96), k=64, n=64)
+    out, dA, dB = run_with_grads(resolve(mode, device="cpu"), p)
+    ref_out, _, _ = float64_reference(p)
+    assert sqnr_db(ref_out, out) >= 27
+    assert torch.count_nonzero(dB[0]) == 0 and torch.count_nonzero(dB[2]) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_A_poisons_the_same_output_rows_as_bf16(no_torchao, bad):
+    """Documented result: a non-finite A element makes its output row non-finite, as in bf16; other rows are untouched."""
+    from mxfp8_compat import sqnr_db
+
+    p = make_problem(group_rows=(64, 64), k=64, n=64, requires_grad=False)
+    A = p.A.clone()
+    A[5, 7] = bad
+    A[70, 40] = bad
+    bf16 = resolve("off", device="cpu")(A, p.B, p.offs)
+    emulated = resolve("emulated", device="cpu")(A, p.B, p.offs)
+    bad_rows_bf16 = ~torch.isfinite(bf16).all(dim=1)
+    bad_rows_emulated = ~torch.isfinite(emulated).all(dim=1)
+    assert bad_rows_bf16.nonzero().flatten().tolist() == [5, 70]
+    assert torch.equal(bad_rows_emulated, bad_rows_bf16)
+    good = ~bad_rows_bf16
+    assert sqnr_db(bf16[good], emulated[good]) >= 27
