@@ -28,6 +28,8 @@ def test_environment_variable_selects_the_mode(monkeypatch, no_torchao):
     monkeypatch.setenv("MXFP8_COMPAT_MODE", "emulated")
     assert resolve().backend == "mxfp8-emulated"
     monkeypatch.setenv("MXFP8_COMPAT_MODE", "off")
+    assert resolve().backend == "mxfp8-emulated", "read once per process: a later change needs reset()"
+    mxfp8_compat.reset()
     assert resolve().backend == "bf16"
 
 

@@ -76,9 +76,11 @@ def reset() -> None:
     """Forget every cached Resolution and every once-only log (tests need a clean slate)."""
     from .backends import _logged
 
+    global _environment_snapshot
     with _lock:
         _cache.clear()
         _logged.clear()
+        _environment_snapshot = None
     probes.clear_caches()
 
 
@@ -94,7 +96,8 @@ def resolve(
 
     Args:
         mode: "auto", "native", "emulated" or "off"; None reads ``MXFP8_COMPAT_MODE``,
-            else "auto". Anything else raises ValueError.
+            else "auto". Anything else raises ValueError. The environment variables are
+            read at the first resolve() of the process (and again after ``reset()``).
         device: where the callable will run. Default: the current CUDA device when CUDA
             is available, else the CPU.
         validate: also check ``offs`` values (non-decreasing, ``offs[-1] == M``, group
@@ -105,13 +108,13 @@ def resolve(
             one bf16 GEMM in backward.
         isolate: import torchao and run the smoke runs in a subprocess first (a torch/torchao
             build mismatch can abort the interpreter); the verdict is cached on disk. None
-            reads ``MXFP8_COMPAT_ISOLATE`` ("1" enables).
+            reads ``MXFP8_COMPAT_ISOLATE`` ("1" enables), likewise.
 
     Raises:
         ValueError: unknown ``mode``.
         MXFP8Unavailable: ``mode="native"`` (or ``"emulated"``) cannot run here.
     """
-    key = (mode, os.environ.get(MODE_ENV_VAR), device, validate, wgrad_with_hp, isolate, os.environ.get(ISOLATE_ENV_VAR))
+    key = (mode, device, validate, wgrad_with_hp, isolate)
     try:
         return _cache[key]
     except (KeyError, TypeError):
@@ -119,18 +122,35 @@ def resolve(
     with _lock:
         cached = _cache.get(key)
         if cached is None:
+            environment = _environment()
             if isolate is None:
-                isolate = os.environ.get(ISOLATE_ENV_VAR, "") == "1"
-            cached = _resolve_uncached(_normalise_mode(mode), _normalise_device(device), validate, wgrad_with_hp, isolate)
+                isolate = environment[ISOLATE_ENV_VAR] == "1"
+            if mode is None:
+                mode = environment[MODE_ENV_VAR] or "auto"
+                source = MODE_ENV_VAR
+            else:
+                source = "mode"
+            cached = _resolve_uncached(_normalise_mode(mode, source), _normalise_device(device), validate, wgrad_with_hp, isolate)
             _cache[key] = cached
         return cached
 
 
-def _normalise_mode(mode: Optional[str]) -> Mode:
-    source = "mode"
-    if mode is None:
-        mode = os.environ.get(MODE_ENV_VAR) or "auto"
-        source = MODE_ENV_VAR
+_environment_snapshot: Optional[dict[str, str]] = None
+
+
+def _environment() -> dict[str, str]:
+    """MXFP8_COMPAT_MODE and MXFP8_COMPAT_ISOLATE as they were at the first resolve() (or since reset()).
+
+    Read once rather than per call: ``os.environ`` lookups cost ~1 us each, as much as the
+    whole cached ``resolve()`` may take.
+    """
+    global _environment_snapshot
+    if _environment_snapshot is None:
+        _environment_snapshot = {name: os.environ.get(name, "") for name in (MODE_ENV_VAR, ISOLATE_ENV_VAR)}
+    return _environment_snapshot
+
+
+def _normalise_mode(mode: object, source: str) -> Mode:
     if not isinstance(mode, str) or mode.strip().lower() not in MODES:
         raise ValueError(f"{source}: expected one of {', '.join(MODES)}, got {mode!r}")
     return mode.strip().lower()  # type: ignore[return-value]
