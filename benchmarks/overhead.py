@@ -103,6 +103,19 @@ def time_variants(variants: dict[str, Callable], inputs, backward: bool, device:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def allocated_bytes(fn: Callable, inputs, device: str) -> int:
+    """Bytes the caching allocator hands out during one forward call (CUDA only; -1 elsewhere)."""
+    if not device.startswith("cuda"):
+        return -1
+    A, B, offs, _ = inputs
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocated_bytes.all.allocated"]
+    with torch.no_grad():
+        fn(A, B, offs)
+    torch.cuda.synchronize()
+    return torch.cuda.memory_stats()["allocated_bytes.all.allocated"] - before
+
+
 def fmt(seconds: float) -> str:
     return f"{seconds * 1e6:10.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:10.3f} ms"
 
@@ -124,6 +137,7 @@ def bench_paths(device: str, shapes, modes, rounds: int) -> list[dict]:
             for backward in (False, True):
                 inputs = make_inputs(E, M, K, N, device, requires_grad=backward)
                 medians = time_variants(variants, inputs, backward, device, rounds, calls)
+                extra = {name: allocated_bytes(fn, inputs, device) for name, fn in variants.items()} if not backward else {}
                 row = {
                     "path": label, "shape": (E, M, K, N), "pass": "fwd+bwd" if backward else "fwd",
                     **{name: value for name, value in medians.items()},
@@ -134,7 +148,9 @@ def bench_paths(device: str, shapes, modes, rounds: int) -> list[dict]:
                 print(
                     f"{label:<22} E={E:<3} M={M:<6} K={K:<5} N={N:<5} {row['pass']:<8}"
                     f"raw {fmt(row['raw'])}  shim {fmt(row['shim'])}  relayout {fmt(row['relayout'])}"
-                    f"  shim/raw {row['shim/raw']:.3f}  relayout/shim {row['relayout/shim']:.3f}",
+                    f"  shim/raw {row['shim/raw']:.3f}  relayout/shim {row['relayout/shim']:.3f}"
+                    + (f"  bytes allocated beyond raw: shim {extra['shim'] - extra['raw']}, relayout {extra['relayout'] - extra['raw']}"
+                       if extra and extra["raw"] >= 0 else ""),
                     flush=True,
                 )
     return rows
