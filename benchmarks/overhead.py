@@ -9,11 +9,12 @@ every variant alike), it times forward and forward+backward of:
   (a) raw      the call the shim wraps: torch._grouped_mm for bf16; torchao's emulated entry
                (or the reference, where torchao has no emulation) for emulated
   (b) shim     the Resolution callable returned by resolve()
-  (c) relayout (a) behind the per-call relayout many MoE codebases write:
+  (c) relayout (a) behind the per-call relayout many MoE codebases write, on the natural
+               row-major (E, K, N) weight they store:
                fn(A.contiguous(), B.transpose(-2, -1).contiguous().transpose(-2, -1), offs)
 
-and prints medians with the ratios (b)/(a) and (c)/(b). B is stored once with prepare_weight
-(the layout torchao needs), as a training loop would. It also times resolve() cold (in a fresh
+and prints medians with the ratios (b)/(a) and (c)/(b). (a) and (b) get the weight stored once
+with prepare_weight (the layout torchao needs), as a training loop using the shim would. It also times resolve() cold (in a fresh
 subprocess, torchao import included, smoke run shown separately) and cached.
 Nothing here is asserted: pytest never times anything.
 """
@@ -45,12 +46,17 @@ MOE = [
 
 
 def make_inputs(E: int, M: int, K: int, N: int, device: str, requires_grad: bool):
+    """A, the weight row-major (as MoE code stores it) and prepared (as the shim's user does), offs, grad."""
     rows = M // E
     A = torch.randn(M, K, device=device, dtype=torch.bfloat16, requires_grad=requires_grad)
-    B = prepare_weight(torch.nn.Parameter(torch.randn(E, K, N, device=device, dtype=torch.bfloat16), requires_grad=requires_grad))
+    B_row_major = torch.nn.Parameter(torch.randn(E, K, N, device=device, dtype=torch.bfloat16), requires_grad=requires_grad)
+    B_prepared = prepare_weight(B_row_major)
     offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * rows
     grad = torch.randn(M, N, device=device, dtype=torch.bfloat16)
-    return A, B, offs, grad
+    return A, {"prepared": B_prepared, "row_major": B_row_major}, offs, grad
+
+
+WEIGHT_OF = {"raw": "prepared", "shim": "prepared", "relayout": "row_major"}
 
 
 def raw_call(res: mxfp8_compat.Resolution) -> Callable:
@@ -76,42 +82,41 @@ def raw_call(res: mxfp8_compat.Resolution) -> Callable:
 
 def time_variants(variants: dict[str, Callable], inputs, backward: bool, device: str, rounds: int, calls: int) -> dict[str, float]:
     """Median seconds per call of each variant, interleaved round by round."""
-    A, B, offs, grad = inputs
+    A, weights, offs, grad = inputs
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def step(fn):
-        out = fn(A, B, offs)
+    def step(name, fn):
+        out = fn(A, weights[WEIGHT_OF[name]], offs)
         if backward:
             out.backward(grad)
 
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():  # warm-up
-        step(fn)
-        step(fn)
+    for name, fn in variants.items():  # warm-up
+        step(name, fn)
+        step(name, fn)
     sync()
     for _ in range(rounds):
         for name, fn in variants.items():
             sync()
             start = time.perf_counter()
             for _ in range(calls):
-                step(fn)
+                step(name, fn)
             sync()
             samples[name].append((time.perf_counter() - start) / calls)
-    if backward:
-        A.grad = None
-        B.grad = None
+    for tensor in (A, *weights.values()):
+        tensor.grad = None
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def allocated_bytes(fn: Callable, inputs, device: str) -> int:
+def allocated_bytes(name: str, fn: Callable, inputs, device: str) -> int:
     """Bytes the caching allocator hands out during one forward call (CUDA only; -1 elsewhere)."""
     if not device.startswith("cuda"):
         return -1
-    A, B, offs, _ = inputs
+    A, weights, offs, _ = inputs
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()["allocated_bytes.all.allocated"]
     with torch.no_grad():
-        fn(A, B, offs)
+        fn(A, weights[WEIGHT_OF[name]], offs)
     torch.cuda.synchronize()
     return torch.cuda.memory_stats()["allocated_bytes.all.allocated"] - before
 
@@ -137,7 +142,7 @@ def bench_paths(device: str, shapes, modes, rounds: int) -> list[dict]:
             for backward in (False, True):
                 inputs = make_inputs(E, M, K, N, device, requires_grad=backward)
                 medians = time_variants(variants, inputs, backward, device, rounds, calls)
-                extra = {name: allocated_bytes(fn, inputs, device) for name, fn in variants.items()} if not backward else {}
+                extra = {name: allocated_bytes(name, fn, inputs, device) for name, fn in variants.items()} if not backward else {}
                 row = {
                     "path": label, "shape": (E, M, K, N), "pass": "fwd+bwd" if backward else "fwd",
                     **{name: value for name, value in medians.items()},
