@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .agreement import reference_agreement
 from .errors import MXFP8Unavailable
 from .reference import grouped_mm_float64, sqnr_db
 from .report import environment_report
@@ -61,6 +62,7 @@ def emulated_sqnr(device: torch.device) -> dict[str, Any]:
     except MXFP8Unavailable as error:
         return {"ok": False, "reasons": list(error.reasons)}
     rows = (128, 64, 192, 128)
+    torch.manual_seed(20261125)  # the same inputs in every env, so SQNRs compare across releases
     A = torch.randn(sum(rows), 256, device=device, dtype=torch.bfloat16, requires_grad=True)
     B = torch.randn(len(rows), 256, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
     offs = torch.tensor(rows, device=device).cumsum(0).to(torch.int32)
@@ -92,6 +94,7 @@ def write_record(env: str, junit: Optional[Path], out_dir: Path, runner: str, de
         "date": datetime.date.today().isoformat(),
         **report,
         "emulated_sqnr": emulated_sqnr(resolved),
+        "reference_agreement": reference_agreement(resolved),
         "tests": junit_counts(junit),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +119,15 @@ def _cell(record: dict[str, Any]) -> dict[str, str]:
         sqnr = f"{_db(emulated['out_db'])} / {_db(emulated['grad_a_db'])} / {_db(emulated['grad_b_db'])}"
     else:
         emu, sqnr = "no", "-"
+    agreement = record.get("reference_agreement") or {}
+    if not agreement.get("applicable"):
+        vs_reference = "n/a"
+    elif agreement["bitwise_equal"]:
+        vs_reference = "bitwise"
+    else:
+        vs_reference = f"max {agreement['max_ulp']:g} ulp"
     return {
+        "vs_reference": vs_reference,
         "generation": modes["emulated"].get("generation") or record.get("generation") or "-",
         "auto": auto["backend"] or "-",
         "native": "yes" if modes["native"]["ok"] else "no",
@@ -141,8 +152,11 @@ def render(results_dir: Path) -> str:
         "SQNR is emulated-mode output / input-grad / weight-grad against float64, in dB (torchao accepts",
         ">= 27 / 25 / 24). `auto` is what `resolve()` picks with no arguments.",
         "",
-        "| env | torchao | torch | device | generation | auto | native | emulated | SQNR out/dA/dB | tests | runner |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "`vs reference`: torchao's own emulation against mxfp8_compat's reference with the same scale rule",
+        "(`mxfp8_compat.agreement.reference_agreement`; n/a where the release has no emulation that runs here).",
+        "",
+        "| env | torchao | torch | device | generation | auto | native | emulated | SQNR out/dA/dB | vs reference | tests | runner |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
     for record in records:
@@ -152,7 +166,7 @@ def render(results_dir: Path) -> str:
         lines.append(
             f"| {record['env']} | {record['torchao_version'] or 'none'} | {record['torch_version']} | {device} | "
             f"{cell['generation']} | {cell['auto']} | {cell['native']} | {cell['emulated']} | {cell['sqnr']} | "
-            f"{cell['tests']} | {record['runner']} |"
+            f"{cell['vs_reference']} | {cell['tests']} | {record['runner']} |"
         )
         if cell["auto_reason"]:
             notes.append(f"- {record['env']} on {device}: auto -> {cell['auto']}: {cell['auto_reason']}")
