@@ -95,6 +95,10 @@ def time_variants(variants: dict[str, Callable], inputs, backward: bool, device:
         step(name, fn)
         step(name, fn)
     sync()
+    start = time.perf_counter()  # calibrate: about 20 ms per variant per round
+    step("raw", variants["raw"])
+    sync()
+    calls = max(1, min(calls, int(0.02 / max(time.perf_counter() - start, 1e-7))))
     for _ in range(rounds):
         for name, fn in variants.items():
             sync()
@@ -137,8 +141,7 @@ def bench_paths(device: str, shapes, modes, rounds: int) -> list[dict]:
         variants = {"raw": raw, "shim": res, "relayout": relayout}
         label = f"{res.backend}" + (f"/{res.emulation}" if res.emulation else "")
         for E, M, K, N in shapes:
-            flops = 2 * M * K * N
-            calls = max(1, min(200, int(2e10 / flops))) if device == "cpu" else max(3, min(200, int(2e12 / flops)))
+            calls = 200  # at most; calibrated down to ~20 ms per variant per round
             for backward in (False, True):
                 inputs = make_inputs(E, M, K, N, device, requires_grad=backward)
                 medians = time_variants(variants, inputs, backward, device, rounds, calls)

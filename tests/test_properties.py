@@ -36,10 +36,16 @@ from mxfp8_compat.reference import (
 
 # torchao's own acceptance thresholds for MXFP8 grouped GEMM against a high-precision reference.
 MIN_OUT_DB, MIN_GRAD_A_DB, MIN_GRAD_B_DB = 27.0, 25.0, 24.0
+# Under FLOOR scales (torchao <= 0.14, and the reference standing in for them) the expected output
+# SQNR is 27.6 dB, not RCEIL's 28.5: blocks whose amax mantissa exceeds 1.75 saturate. On the
+# smallest problems here (one 32x32 block row, K = N = 32) its spread is 0.46 dB (300 draws: min
+# 26.2 dB), so 27 dB would fail ~9% of such draws. FLOOR's output floor is 25 dB (mean - 5 sigma);
+# RCEIL keeps torchao's 27 dB (mean 28.5, sigma 0.32, 300-draw min 27.5 on the same shapes).
+MIN_OUT_DB_FLOOR = 25.0
 
-# Cap on M*K*N per example: K = N = 512 still gets one 32-row group; small K, N get up to 2048 rows.
-_MAX_MACS = 2**22
-_MAX_ROWS = 2048
+# Cap on M*K*N per example: K = N = 512 still gets one 32-row group; small K, N get up to 1024 rows.
+_MAX_MACS = 2**21
+_MAX_ROWS = 1024
 
 # Function-scoped fixtures (no_torchao's monkeypatch, the autouse fresh_resolver) are shared by
 # every example of a test on purpose: they set up the resolver, not the data.
@@ -85,13 +91,15 @@ def _empty_experts(offs: torch.Tensor) -> list[int]:
 def _check_emulated(problem: Problem, out_dtype: torch.dtype) -> None:
     res = resolve("emulated", device="cpu")
     assert res.backend == "mxfp8-emulated", res.reasons
+    scale_mode = res.generation.scale_mode if res.generation is not None else ScaleMode.RCEIL
+    min_out_db = MIN_OUT_DB if scale_mode is ScaleMode.RCEIL else MIN_OUT_DB_FLOOR
     out, dA, dB = run_with_grads(res, problem, out_dtype=out_dtype)
     assert out.dtype == out_dtype and dA.dtype == problem.A.dtype and dB.dtype == problem.B.dtype
     ref_out, ref_dA, ref_dB = float64_reference(problem)
     # grouped_problems guarantees a non-empty group, so every reference is non-zero.
     assert ref_out.abs().sum() > 0 and ref_dA.abs().sum() > 0 and ref_dB.abs().sum() > 0
-    where = f"(E={problem.B.shape[0]}, offs={problem.offs.tolist()}, K={problem.A.shape[1]}, N={problem.B.shape[2]}, {res.emulation})"
-    assert sqnr_db(ref_out, out) >= MIN_OUT_DB, f"output {sqnr_db(ref_out, out):.2f} dB {where}"
+    where = f"(E={problem.B.shape[0]}, offs={problem.offs.tolist()}, K={problem.A.shape[1]}, N={problem.B.shape[2]}, {res.emulation}, {scale_mode.value})"
+    assert sqnr_db(ref_out, out) >= min_out_db, f"output {sqnr_db(ref_out, out):.2f} dB {where}"
     assert sqnr_db(ref_dA, dA) >= MIN_GRAD_A_DB, f"grad A {sqnr_db(ref_dA, dA):.2f} dB {where}"
     assert sqnr_db(ref_dB, dB) >= MIN_GRAD_B_DB, f"grad B {sqnr_db(ref_dB, dB):.2f} dB {where}"
     for expert in _empty_experts(problem.offs):

@@ -244,13 +244,13 @@ def _explain(name: str, key: str, wgrad_with_hp: bool, variant_equal: bool, rati
     elif name == "grad_A":
         how_torchao = "torch._grouped_mm(G_q, W_q, out_dtype=bf16) with W_q an (E, N, K) column-major view"
         how_reference = (
-            "_ReferenceMXFP8GroupedMM.backward: grouped_mm_highprec(G_q, W_q.contiguous(), float32) "
+            "reference._reference_backward: grouped_mm_highprec(G_q, W_q.contiguous(), float32) "
             "(float32 GEMM, on the CPU after an exact upcast) then .to(bf16)"
         )
     else:
         operands = "G^T, A (bf16, unquantised)" if wgrad_with_hp else "G_q^T, A_q"
         how_torchao = f"torch._grouped_mm({operands}, out_dtype=bf16) -> (E, N, K), transposed"
-        how_reference = "_ReferenceMXFP8GroupedMM.backward: per-group float32 torch.mm(A^T, G) -> (K, N), then .to(bf16)"
+        how_reference = "reference._reference_backward: per-group float32 torch.mm(A^T, G) -> (K, N), then .to(bf16)"
     site = _TORCHAO_SITES.get(key, {}).get(name, "its emulated GEMM")
     within = "within" if ratio <= 1.0 else "OUTSIDE"
     return (

@@ -14,7 +14,7 @@ import torch
 
 from .generations import GroupedMMCall
 from .layout import weight_relayout
-from .reference import grouped_mm_highprec, grouped_mm_loop
+from .reference import grouped_mm_fallback
 from .validation import check_metadata, check_offs_values, group_alignment_problem, mxfp8_shape_problem
 
 __all__ = ["GroupedMM", "make_bf16", "make_mxfp8", "log_once"]
@@ -56,7 +56,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
             check_metadata(A, B, offs, out_dtype)
             if validate:
                 check_offs_values(A, offs)
-            return grouped_mm_loop(A, B, offs, out_dtype)
+            return grouped_mm_fallback(A, B, offs, out_dtype)
 
         return bf16_grouped_mm_loop
 
@@ -68,7 +68,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
             check_offs_values(A, offs)
         if out_dtype is A.dtype:
             return grouped_mm(A, B, offs=offs)  # type: ignore[misc]
-        return grouped_mm_highprec(A, B, offs, out_dtype)
+        return grouped_mm_fallback(A, B, offs, out_dtype)
 
     return bf16_grouped_mm
 
@@ -130,7 +130,9 @@ def make_mxfp8(
         problem = mxfp8_shape_problem(A, B)
         if problem is not None:
             return reject(problem, A, B, offs, out_dtype)
-        if validate or A.device.type == "cpu":
+        # Reading offs is free on the CPU, but under torch.compile it is a data-dependent
+        # op (a graph break): there only validate=True reads it.
+        if validate or (A.device.type == "cpu" and not torch.compiler.is_compiling()):
             check_offs_values(A, offs)
             if check_groups:
                 problem = group_alignment_problem(offs, group_multiple)

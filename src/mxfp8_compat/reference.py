@@ -24,11 +24,14 @@ compared bit for bit:
 * a block containing inf (FLOOR scale ``2**120``, RCEIL scale ``2**127``): the inf element
   dequantises to inf again and every other element of the block flushes to zero;
 * an all-zero block gets the smallest scale (e8m0 0) and stays zero;
-* values below e4m3's smallest subnormal (``2**-9`` times the block scale) flush to zero.
+* values at or below half of e4m3's smallest subnormal (``2**-10`` times the block scale)
+  flush to zero; those between ``2**-10`` and ``2**-9`` times the scale round up to ``2**-9``.
 
 Precision of the GEMMs: quantised operands are dequantised into bfloat16 (exactly: an
 e4m3 value times a power of two always fits bf16) and multiplied by
-``torch._grouped_mm`` with float32 accumulation, as torchao's emulated kernels do.
+``torch._grouped_mm`` with float32 accumulation, as torchao's emulated kernels do; the
+output is bitwise torchao's, the gradients equal it up to float32 summation order (see
+:mod:`mxfp8_compat.agreement`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ __all__ = [
     "grouped_mm_support",
     "grouped_mm_float64",
     "mxfp8_grouped_mm_reference",
+    "grouped_mm_fallback",
     "sqnr_db",
 ]
 
@@ -267,47 +271,119 @@ def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-class _ReferenceMXFP8GroupedMM(torch.autograd.Function):
-    """MXFP8 grouped GEMM with MXFP8 in forward and in both backward GEMMs, as torchao does.
+# The reference and the high-precision fallback are torch custom ops: opaque to torch.compile
+# (their group loops read offs, which would otherwise break the graph, and the probes in
+# grouped_mm_support must run on real tensors), with autograd registered beside them.
 
-    forward  out[g] = q_K(A[g]) @ q_K(B[e])          (blocks along K)
-    dgrad    dA[g]  = q_N(dY[g]) @ q_N(B[e])^T        (blocks along N)
-    wgrad    dB[e]  = q_M(A[g])^T @ q_M(dY[g])        (blocks along the group's tokens),
-             or in high precision with ``wgrad_with_hp``.
+
+@torch.library.custom_op("mxfp8_compat::reference_mxfp8_forward", mutates_args=())
+def _reference_forward(
+    A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, scale_mode: str, wgrad_with_hp: bool
+) -> torch.Tensor:
+    """out[g] = q_K(A[g]) @ q_K(B[e]): blocks along K."""
+    A_q = mx_fake_quantize(A, dim=-1, scale_mode=scale_mode)
+    B_q = mx_fake_quantize(B, dim=1, scale_mode=scale_mode)
+    return grouped_mm_highprec(A_q, B_q, offs, out_dtype)
+
+
+@_reference_forward.register_fake
+def _(A, B, offs, out_dtype, scale_mode, wgrad_with_hp):  # type: ignore[no-untyped-def]
+    return A.new_empty((A.shape[0], B.shape[2]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mxfp8_compat::reference_mxfp8_backward", mutates_args=())
+def _reference_backward(
+    grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, scale_mode: str, wgrad_with_hp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dA[g] = q_N(dY[g]) @ q_N(B[e])^T (blocks along N); dB[e] = q_M(A[g])^T @ q_M(dY[g]) (blocks
+    along the group's tokens), or in high precision with ``wgrad_with_hp``."""
+    grad_q = mx_fake_quantize(grad_out, dim=-1, scale_mode=scale_mode)
+    B_q = mx_fake_quantize(B, dim=2, scale_mode=scale_mode)
+    grad_A = grouped_mm_highprec(grad_q, B_q.transpose(-2, -1).contiguous(), offs, torch.float32).to(A.dtype)
+    if wgrad_with_hp:
+        A_w, grad_w = A, grad_out
+    else:
+        A_w = mx_fake_quantize_grouped_rows(A, offs, scale_mode)
+        grad_w = mx_fake_quantize_grouped_rows(grad_out, offs, scale_mode)
+    return grad_A, _weight_grad(A_w, grad_w, offs, B.shape[0]).to(B.dtype)
+
+
+@_reference_backward.register_fake
+def _(grad_out, A, B, offs, scale_mode, wgrad_with_hp):  # type: ignore[no-untyped-def]
+    return torch.empty_like(A), B.new_empty(B.shape)
+
+
+def _weight_grad(A: torch.Tensor, grad_out: torch.Tensor, offs: torch.Tensor, experts: int) -> torch.Tensor:
+    """dB[e] = A[g]^T @ dY[g] per group, float32 accumulation (zero for empty groups)."""
+    grad_B = torch.zeros((experts, A.shape[1], grad_out.shape[1]), dtype=torch.float32, device=A.device)
+    start = 0
+    for expert, end in enumerate(offs.tolist()):
+        if end > start:
+            grad_B[expert] = torch.mm(A[start:end].t().float(), grad_out[start:end].float())
+        start = end
+    return grad_B
+
+
+def _reference_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    A, B, offs, _, scale_mode, wgrad_with_hp = inputs
+    ctx.save_for_backward(A, B, offs)
+    ctx.scale_mode, ctx.wgrad_with_hp = scale_mode, wgrad_with_hp
+
+
+def _reference_autograd(ctx, grad_out):  # type: ignore[no-untyped-def]
+    A, B, offs = ctx.saved_tensors
+    grad_A, grad_B = _reference_backward(grad_out.contiguous(), A, B, offs, ctx.scale_mode, ctx.wgrad_with_hp)
+    return grad_A, grad_B, None, None, None, None
+
+
+_reference_forward.register_autograd(_reference_autograd, setup_context=_reference_setup)
+
+
+@torch.library.custom_op("mxfp8_compat::grouped_mm_fallback", mutates_args=())
+def _fallback_forward(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return grouped_mm_highprec(A, B, offs, out_dtype)
+
+
+@_fallback_forward.register_fake
+def _(A, B, offs, out_dtype):  # type: ignore[no-untyped-def]
+    return A.new_empty((A.shape[0], B.shape[2]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mxfp8_compat::grouped_mm_fallback_backward", mutates_args=())
+def _fallback_backward(
+    grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_A = grouped_mm_loop(grad_out, B.transpose(-2, -1), offs, torch.float32).to(A.dtype)
+    return grad_A, _weight_grad(A, grad_out, offs, B.shape[0]).to(B.dtype)
+
+
+@_fallback_backward.register_fake
+def _(grad_out, A, B, offs):  # type: ignore[no-untyped-def]
+    return torch.empty_like(A), B.new_empty(B.shape)
+
+
+def _fallback_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    A, B, offs, _ = inputs
+    ctx.save_for_backward(A, B, offs)
+
+
+def _fallback_autograd(ctx, grad_out):  # type: ignore[no-untyped-def]
+    A, B, offs = ctx.saved_tensors
+    grad_A, grad_B = _fallback_backward(grad_out.contiguous(), A, B, offs)
+    return grad_A, grad_B, None, None
+
+
+_fallback_forward.register_autograd(_fallback_autograd, setup_context=_fallback_setup)
+
+
+def grouped_mm_fallback(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`grouped_mm_highprec` as one differentiable, compile-safe op.
+
+    For what ``torch._grouped_mm`` cannot do here itself: the per-group loop where torch has
+    no kernel for the device (torch 2.8 on the CPU), and float32 output from bf16 inputs where
+    its kernel emits only the input dtype. Backward runs per-group loops in float32.
     """
-
-    @staticmethod
-    def forward(ctx, A, B, offs, out_dtype, scale_mode, wgrad_with_hp):  # type: ignore[override]
-        ctx.save_for_backward(A, B, offs)
-        ctx.scale_mode = scale_mode
-        ctx.wgrad_with_hp = wgrad_with_hp
-        A_q = mx_fake_quantize(A, dim=-1, scale_mode=scale_mode)
-        B_q = mx_fake_quantize(B, dim=1, scale_mode=scale_mode)
-        return grouped_mm_highprec(A_q, B_q, offs, out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        A, B, offs = ctx.saved_tensors
-        mode = ctx.scale_mode
-        grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_q = mx_fake_quantize(grad_out, dim=-1, scale_mode=mode)
-            B_q = mx_fake_quantize(B, dim=2, scale_mode=mode)
-            grad_A = grouped_mm_highprec(grad_q, B_q.transpose(-2, -1).contiguous(), offs, torch.float32).to(A.dtype)
-        if ctx.needs_input_grad[1]:
-            if ctx.wgrad_with_hp:
-                A_w, grad_w = A, grad_out
-            else:
-                A_w = mx_fake_quantize_grouped_rows(A, offs, mode)
-                grad_w = mx_fake_quantize_grouped_rows(grad_out, offs, mode)
-            grad_B = torch.zeros(B.shape, dtype=torch.float32, device=B.device)
-            start = 0
-            for expert, end in enumerate(offs.tolist()):
-                if end > start:
-                    grad_B[expert] = torch.mm(A_w[start:end].t().float(), grad_w[start:end].float())
-                start = end
-            grad_B = grad_B.to(B.dtype)
-        return grad_A, grad_B, None, None, None, None
+    return _fallback_forward(A, B, offs, out_dtype)
 
 
 def mxfp8_grouped_mm_reference(
@@ -324,4 +400,4 @@ def mxfp8_grouped_mm_reference(
     rows; returns (M, N) in ``out_dtype``. K and N must be multiples of 32; group sizes may
     be anything (short blocks at group ends). No input validation: callers validate.
     """
-    return _ReferenceMXFP8GroupedMM.apply(A, B, offs, out_dtype, ScaleMode(scale_mode), wgrad_with_hp)
+    return _reference_forward(A, B, offs, out_dtype, ScaleMode(scale_mode).value, wgrad_with_hp)
