@@ -139,3 +139,13 @@ def test_nan_or_inf_in_A_poisons_the_same_output_rows_as_bf16(no_torchao, bad):
     assert torch.equal(bad_rows_emulated, bad_rows_bf16)
     good = ~bad_rows_bf16
     assert sqnr_db(bf16[good], emulated[good]) >= 27
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case, mutate, error, message", BAD_METADATA[:7], ids=[c[0] for c in BAD_METADATA[:7]])
+def test_metadata_errors_on_cuda(no_torchao, mode, case, mutate, error, message):
+    p = make_problem(group_rows=(32, 32), k=64, n=64, requires_grad=False, device="cuda")
+    with pytest.raises(error, match=message):
+        resolve(mode, device="cuda")(*mutate(p.A, p.B, p.offs))
