@@ -122,18 +122,21 @@ def test_quantisation_is_identical_for_every_tensor(default_agreement, larger_ag
                 assert run[name]["torchao_order_bitwise_equal"], (run["wgrad_with_hp"], name, run[name])
 
 
-def test_default_problem_gradients_bitwise_equal_or_one_ulp(default_agreement):
-    """Measured: bitwise equal on every generation here (and <= 1 ulp over 10 seeds).
+def test_default_problem_gradients_bitwise_equal_or_summation_order(default_agreement):
+    """Measured: bitwise equal on every generation on this 2-core CPU (<= 1 ulp over 10 seeds).
 
-    Kernel blocking is CPU dependent, so elsewhere an ulp may appear: then it must be the
-    explained summation-order difference, not a quantisation one.
+    Kernel blocking is CPU dependent: on the H100 host's 16-core CPU, torchao 0.16 gave 2 ulp.
+    A difference must then be the explained summation-order one (torchao's GEMM order fed the
+    reference's quantised operands reproduces torchao bit for bit, and the difference stays
+    within the reordered-float32-sum bound), never a quantisation one.
     """
     for run in default_agreement["runs"]:
         for name in ("grad_A", "grad_B"):
             cell = run[name]
             if not cell["bitwise_equal"]:
-                assert cell["max_ulp"] <= 1, cell
+                assert cell["torchao_order_bitwise_equal"], cell
                 assert cell["order_bound_ratio"] <= 1.0, cell
+                assert cell["sqnr_db"] > 80.0, cell
                 assert "summation order" in cell["explanation"]
             else:
                 assert cell["explanation"] == "" and cell["sqnr_db"] == math.inf

@@ -96,9 +96,14 @@ def _run_compiled(res, problem):
     """
     try:
         return run_with_grads(torch.compile(res), problem)
-    except Exception as error:  # noqa: BLE001 - InductorError wraps it; re-raised unless it is that gap
+    except Exception as error:  # noqa: BLE001 - InductorError wraps it; re-raised unless it is a known gap
         if "No module named 'setuptools'" in str(error):
             pytest.skip(f"CPU inductor cannot build kernels here: torch {torch.__version__} needs setuptools ({error!s:.80})")
+        if "float8_e8m0fnu missing from torch._inductor.codegen.cpp" in str(error):
+            # Seen with torchao 0.16's emulation on torch 2.10 and 2.11's CPU inductor (its e8m0 scales
+            # have no C++ type there). A torchao limitation, recorded as an expected failure;
+            # the eager checks above already showed the shim runs.
+            pytest.xfail(f"torch {torch.__version__}'s CPU inductor cannot compile this torchao's e8m0 scales: {error!s:.120}")
         raise
 
 
