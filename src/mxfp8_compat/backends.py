@@ -151,10 +151,10 @@ def make_mxfp8(
             return reject(problem, A, B, offs, out_dtype)
         # Reading offs is free on the CPU, but under torch.compile it is a data-dependent
         # op (a graph break): there only validate=True reads it.
-        if validate or (A.device.type == "cpu" and not torch.compiler.is_compiling()):
-            check_offs_values(A, offs)
+        if validate or (A.is_cpu and not torch.compiler.is_compiling()):
+            ends = check_offs_values(A, offs)
             if check_groups:
-                problem = group_alignment_problem(offs, group_multiple)
+                problem = group_alignment_problem(ends, group_multiple)
                 if problem is not None:
                     return reject(problem, A, B, offs, out_dtype)
         if bf16_operands and A.dtype is torch.float32:

@@ -80,15 +80,21 @@ def _explain_metadata(A: object, B: object, offs: object, out_dtype: object) -> 
     raise AssertionError("check_metadata rejected a call that _explain_metadata accepts")  # pragma: no cover
 
 
-def check_offs_values(A: torch.Tensor, offs: torch.Tensor) -> None:
-    """Raise ValueError unless ``offs`` is non-decreasing, non-negative and ends at M (reads offs)."""
+def check_offs_values(A: torch.Tensor, offs: torch.Tensor) -> list[int]:
+    """Raise ValueError unless ``offs`` is non-negative, non-decreasing and ends at M (reads offs).
+
+    Returns the group ends, so that callers with more checks read ``offs`` once.
+    """
     ends = offs.tolist()
-    if any(end < 0 for end in ends):
-        raise ValueError(f"offs: expected non-negative group ends, got {ends}")
-    if any(later < earlier for earlier, later in zip(ends, ends[1:])):
-        raise ValueError(f"offs: expected non-decreasing cumulative group ends, got {ends}")
+    previous = 0
+    for end in ends:
+        if end < previous:
+            problem = "non-negative" if end < 0 else "non-decreasing cumulative"
+            raise ValueError(f"offs: expected {problem} group ends, got {ends}")
+        previous = end
     if ends and ends[-1] != A.shape[0]:
         raise ValueError(f"offs: expected offs[-1] == M == {A.shape[0]} (A.shape[0]), got {ends[-1]}")
+    return ends
 
 
 def mxfp8_shape_problem(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
@@ -101,11 +107,10 @@ def mxfp8_shape_problem(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
     return None
 
 
-def group_alignment_problem(offs: torch.Tensor, multiple: int) -> Optional[str]:
-    """Why the groups in ``offs`` break a kernel's alignment rule (reads offs); None when they don't."""
-    if multiple <= 1:
-        return None
-    misaligned = [end for end in offs.tolist() if end % multiple]
-    if misaligned:
-        return f"group ends {misaligned} are not multiples of {multiple}, as this MXFP8 kernel requires (pad token groups)"
+def group_alignment_problem(ends: list[int], multiple: int) -> Optional[str]:
+    """Why the group ends break a kernel's alignment rule; None when they don't."""
+    for end in ends:
+        if end % multiple:
+            misaligned = [end for end in ends if end % multiple]
+            return f"group ends {misaligned} are not multiples of {multiple}, as this MXFP8 kernel requires (pad token groups)"
     return None
