@@ -14,7 +14,7 @@ import torch
 
 from .generations import GroupedMMCall
 from .layout import weight_relayout
-from .reference import grouped_mm_fallback
+from .reference import ScaleMode, grouped_mm_fallback, mxfp8_grouped_mm_reference
 from .validation import check_metadata, check_offs_values, group_alignment_problem, mxfp8_shape_problem
 
 __all__ = ["GroupedMM", "make_bf16", "make_mxfp8", "log_once"]
@@ -172,9 +172,8 @@ def make_mxfp8(
     return mxfp8_grouped_mm
 
 
-def reference_call(scale_mode, wgrad_with_hp: bool) -> GroupedMMCall:  # type: ignore[no-untyped-def]
+def reference_call(scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMMCall:
     """The reference emulation as a ``call(A, B_t, offs, out_dtype)``."""
-    from .reference import mxfp8_grouped_mm_reference
 
     def reference_mxfp8(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         return mxfp8_grouped_mm_reference(A, B_t, offs, out_dtype, scale_mode, wgrad_with_hp)
