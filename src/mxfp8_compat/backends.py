@@ -179,8 +179,3 @@ def reference_call(scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMMCall:
         return mxfp8_grouped_mm_reference(A, B_t, offs, out_dtype, scale_mode, wgrad_with_hp)
 
     return reference_mxfp8
-
-
-def as_smoke_fn(fn: GroupedMM) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Adapt a backend to the smoke run's positional ``fn(A, B, offs)``."""
-    return lambda A, B, offs: fn(A, B, offs)

@@ -19,7 +19,7 @@ from typing import Literal, Optional, Union, get_args
 import torch
 
 from . import probes
-from .backends import GroupedMM, as_smoke_fn, log_once, make_bf16, make_mxfp8, reference_call
+from .backends import GroupedMM, log_once, make_bf16, make_mxfp8, reference_call
 from .errors import MXFP8Unavailable
 from .generations import Generation
 from .isolation import ISOLATE_ENV_VAR, isolated_problem
@@ -262,7 +262,7 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
         shape_fallback=shape_fallback,
         label=f"torchao {generation.key} native MXFP8",
     )
-    smoke = probes.smoke_run(as_smoke_fn(fn), ctx.device)
+    smoke = probes.smoke_run(fn, ctx.device)
     if smoke.problem is not None:
         return ctx.torchao_reasons + (f"native MXFP8 of torchao {generation.key} failed its smoke run: {smoke.problem}",)
     return Resolution(
@@ -305,7 +305,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
                 label=f"torchao {generation.key} emulated MXFP8",
                 float32_out=grouped_mm_support(ctx.device.type, torch.bfloat16)[1],
             )
-            smoke = probes.smoke_run(as_smoke_fn(fn), ctx.device)
+            smoke = probes.smoke_run(fn, ctx.device)
             if smoke.problem is None:
                 return Resolution(
                     fn=fn,
@@ -333,7 +333,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
         shape_fallback=None,
         label="reference emulated MXFP8",
     )
-    smoke = probes.smoke_run(as_smoke_fn(fn), ctx.device)
+    smoke = probes.smoke_run(fn, ctx.device)
     if smoke.problem is not None:
         raise MXFP8Unavailable("emulated", tuple(reasons) + (f"the reference emulation failed its smoke run: {smoke.problem}",))
     resolution = Resolution(
