@@ -8,7 +8,7 @@ A (M, K), B (E, K, N), ``offs`` int32 (E,) cumulative end rows, result (M, N) in
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Protocol
+from typing import NoReturn, Optional, Protocol
 
 import torch
 
@@ -38,7 +38,7 @@ class GroupedMM(Protocol):
     ) -> torch.Tensor: ...
 
 
-def _raise_clear(error: Exception, A: object, B: object, offs: object, out_dtype: object) -> None:
+def _raise_clear(error: Exception, A: object, B: object, offs: object, out_dtype: object) -> NoReturn:
     """Re-raise ``error`` as the metadata check's ValueError/TypeError when the arguments are at fault."""
     try:
         check_metadata(A, B, offs, out_dtype)
@@ -55,7 +55,6 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
     metadata check's ValueError/TypeError (chained to torch's error). ``use_loop`` selects the per-group loop where
     this torch has no ``_grouped_mm`` kernel for the device.
     """
-    grouped_mm = torch._grouped_mm if not use_loop else None
     bfloat16 = torch.bfloat16
 
     if use_loop:
@@ -70,7 +69,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
 
         return bf16_grouped_mm_loop
 
-    float32 = torch.float32
+    grouped_mm, float32 = torch._grouped_mm, torch.float32
 
     def bf16_grouped_mm(
         A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = bfloat16
@@ -83,7 +82,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
             # its 2D x 2D mode; float16; a CPU/meta mix) and lets torch check the rest: a
             # full check costs ~2 us, 3% of the smallest CPU call.
             if B.dim() == 3 and out_dtype is A.dtype and A.is_cpu is B.is_cpu and (out_dtype is bfloat16 or out_dtype is float32):
-                return grouped_mm(A, B, offs=offs)  # type: ignore[misc]
+                return grouped_mm(A, B, offs=offs)
         except Exception as error:  # torch rejected the call: name the argument in our words
             _raise_clear(error, A, B, offs, out_dtype)
         check_metadata(A, B, offs, out_dtype)

@@ -192,12 +192,10 @@ def _probe_torchao(ctx: _Context) -> None:
     if ctx.torchao_version is None:
         ctx.torchao_reasons = ("torchao is not installed",)
         return
+    problem = None
     if ctx.isolate and "torchao.prototype.moe_training" not in sys.modules:
-        problem = isolated_problem(ctx.torchao_version, ctx.device)
-        if problem is not None:
-            ctx.torchao_reasons = (f"torchao {ctx.torchao_version} is installed but unusable: {problem}",)
-            return
-    problem = probes.import_problem()
+        problem = isolated_problem(ctx.torchao_version, ctx.device)  # a crash must not reach this process
+    problem = problem or probes.import_problem()
     if problem is not None:
         ctx.torchao_reasons = (f"torchao {ctx.torchao_version} is installed but unusable: {problem}",)
         return
@@ -229,18 +227,14 @@ def _resolve_uncached(mode: Mode, device: torch.device, validate: bool, wgrad_wi
     return resolution
 
 
+def _resolution(ctx: _Context, **fields: object) -> Resolution:
+    """A Resolution with the fields every backend shares taken from ``ctx``."""
+    return Resolution(torchao_version=ctx.torchao_version, torch_version=torch.__version__, device=ctx.device, **fields)  # type: ignore[arg-type]
+
+
 def _bf16_resolution(ctx: _Context, mode: Mode, reasons: tuple[str, ...]) -> Resolution:
     assert ctx.bf16 is not None
-    return Resolution(
-        fn=ctx.bf16,
-        backend="bf16",
-        generation=None,
-        torchao_version=ctx.torchao_version,
-        torch_version=torch.__version__,
-        device=ctx.device,
-        reasons=reasons + ctx.bf16_reasons,
-        mode=mode,
-    )
+    return _resolution(ctx, fn=ctx.bf16, backend="bf16", generation=None, reasons=reasons + ctx.bf16_reasons, mode=mode)
 
 
 def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Resolution, tuple[str, ...]]:
@@ -265,13 +259,11 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
     smoke = probes.smoke_run(fn, ctx.device)
     if smoke.problem is not None:
         return ctx.torchao_reasons + (f"native MXFP8 of torchao {generation.key} failed its smoke run: {smoke.problem}",)
-    return Resolution(
+    return _resolution(
+        ctx,
         fn=fn,
         backend="mxfp8",
         generation=generation,
-        torchao_version=ctx.torchao_version,
-        torch_version=torch.__version__,
-        device=ctx.device,
         reasons=ctx.torchao_reasons + notes,
         mode="native" if shape_fallback is None else "auto",
         smoke_sqnr_db=smoke.sqnr_out_db,
@@ -307,13 +299,11 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
             )
             smoke = probes.smoke_run(fn, ctx.device)
             if smoke.problem is None:
-                return Resolution(
+                return _resolution(
+                    ctx,
                     fn=fn,
                     backend="mxfp8-emulated",
                     generation=generation,
-                    torchao_version=ctx.torchao_version,
-                    torch_version=torch.__version__,
-                    device=ctx.device,
                     reasons=tuple(reasons) + _wgrad_notes(generation, ctx.wgrad_with_hp),
                     mode="emulated",
                     smoke_sqnr_db=smoke.sqnr_out_db,
@@ -336,13 +326,11 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
     smoke = probes.smoke_run(fn, ctx.device)
     if smoke.problem is not None:
         raise MXFP8Unavailable("emulated", tuple(reasons) + (f"the reference emulation failed its smoke run: {smoke.problem}",))
-    resolution = Resolution(
+    resolution = _resolution(
+        ctx,
         fn=fn,
         backend="mxfp8-emulated",
         generation=bound.generation if bound else None,
-        torchao_version=ctx.torchao_version,
-        torch_version=torch.__version__,
-        device=ctx.device,
         reasons=tuple(reasons) + ctx.bf16_reasons,
         mode="emulated",
         smoke_sqnr_db=smoke.sqnr_out_db,
