@@ -46,7 +46,7 @@ CATALOGUE: dict[str, tuple] = {
     "positional slot reused": ("0.15.0", fakes.GEN_015_SLOT_REUSED, _native_probes_pass, "cpu", "positional parameters"),
     "SM100 kernels not available": ("0.18.0", fakes.GEN_018, _native_probes_pass, "cpu", "AssertionError: SM100 kernels not available"),
     "0 active drivers at first call": ("0.15.0", {**fakes.GEN_015, **_with_impl('raise RuntimeError("0 active drivers ([]). There should only be one.")')}, _native_probes_pass, "cpu", "0 active drivers"),
-    "smoke run returns NaN": ("0.18.0", {**fakes.GEN_018, **_with_impl("return emulate(A, B_t, offs, out_dtype, scale_mode, wgrad_with_hp) * float('nan')")}, _native_probes_pass, "cpu", "SQNR check"),
+    "smoke run returns NaN": ("0.18.0", {**fakes.GEN_018, **_with_impl("return emulate(A, B_t, offs, out_dtype, scale_mode, wgrad_with_hp) * float('nan')")}, _native_probes_pass, "cpu", "non-finite"),
     "smoke run returns wrong values": ("0.16.0", {**fakes.GEN_016, **_with_impl("out = emulate(A, B_t, offs, out_dtype, scale_mode, wgrad_with_hp); return torch.rand_like(out) + 0 * out")}, _native_probes_pass, "cpu", "SQNR check"),
     "sm_120 device": ("0.18.0", fakes.GEN_018, lambda mp: _faked_cuda(mp, (12, 0)), "cuda:0", "compute capability 12.0 (sm_120)"),
     "sm_90 device": ("0.18.0", fakes.GEN_018, lambda mp: _faked_cuda(mp, (9, 0)), "cuda:0", "compute capability 9.0 (sm_90)"),

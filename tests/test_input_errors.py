@@ -43,7 +43,7 @@ def test_metadata_errors_name_the_argument(no_torchao, mode, case, mutate, error
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bad_out_dtype(no_torchao, mode):
-    with pytest.raises(TypeError, match="out_dtype: expected torch.bfloat16 or torch.float32"):
+    with pytest.raises(TypeError, match="out_dtype: expected None, torch.bfloat16 or torch.float32"):
         resolve(mode, device="cpu")(*_inputs(), out_dtype=torch.float16)
 
 
@@ -51,8 +51,10 @@ def test_bad_out_dtype(no_torchao, mode):
 def test_value_checks_with_validate(no_torchao, mode):
     A, B, offs = _inputs()
     fn = resolve(mode, device="cpu", validate=True)
-    with pytest.raises(ValueError, match=r"offs: expected offs\[-1\] == M == 64"):
-        fn(A, B, torch.tensor([32, 48], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"offs: expected offs\[-1\] <= M == 64"):
+        fn(A, B, torch.tensor([32, 80], dtype=torch.int32))
+    with pytest.raises(ValueError, match="offs: expected non-negative"):
+        fn(A, B, torch.tensor([-1, 48], dtype=torch.int32))
     with pytest.raises(ValueError, match="offs: expected non-decreasing"):
         fn(A, B, torch.tensor([64, 32], dtype=torch.int32))
 
@@ -82,11 +84,11 @@ def test_auto_runs_unaligned_shapes_in_bf16_and_logs_once(fake_torchao, monkeypa
         out1 = fn(p.A, p.B, p.offs)
         out2 = fn(p.A, p.B, p.offs)
     assert torch.equal(out1, grouped_mm_highprec(p.A, p.B, p.offs)) and torch.equal(out1, out2)
-    assert len([r for r in caplog.records if "K=48 is not a multiple of 32" in r.getMessage()]) == 1
-    p = make_problem(group_rows=(64, 64), k=64, n=64, requires_grad=False)  # misaligned for 0.18's native kernel (128)
+    assert len([r for r in caplog.records if "K=48 is not a multiple of 128" in r.getMessage()]) == 1
+    p = make_problem(group_rows=(32, 32), k=64, n=64, requires_grad=False)  # K, N not multiples of 128 (0.18 native)
     assert torch.equal(fn(p.A, p.B, p.offs), grouped_mm_highprec(p.A, p.B, p.offs))
-    assert any("not multiples of 128" in r.getMessage() for r in caplog.records)
-    with pytest.raises(ValueError, match="not multiples of 128"):
+    assert any("K=64 is not a multiple of 128" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="K=64 is not a multiple of 128"):
         resolve("native", device="cpu")(p.A, p.B, p.offs)
 
 

@@ -1,8 +1,11 @@
 """The callables a Resolution hands out, one factory per backend.
 
-Every callable has ``torch._grouped_mm``'s contract, ``fn(A, B, offs, *, out_dtype=bf16)``:
-A (M, K), B (E, K, N), ``offs`` int32 (E,) cumulative end rows, result (M, N) in
-``out_dtype``; differentiable in A and B. Each checks metadata first (no device sync).
+Every callable has ``torch._grouped_mm``'s contract,
+``fn(A, B, offs, *, out_dtype=None, bias=None, groups_aligned=False)``: A (M, K), B (E, K, N),
+``offs`` int32 (E,) cumulative end rows with ``offs[-1] <= M``, result (M, N) in ``out_dtype``
+(None: A's dtype); differentiable in A and B; any token-group sizes. Each checks metadata
+first (no device sync). ``groups_aligned=True`` promises that every group's size and M are
+multiples of the backend's ``group_alignment`` (so nothing is padded).
 """
 
 from __future__ import annotations
@@ -15,9 +18,16 @@ import torch
 from .generations import GroupedMMCall
 from .layout import weight_relayout
 from .reference import ScaleMode, grouped_mm_fallback, mxfp8_grouped_mm_reference
-from .validation import check_metadata, check_offs_values, group_alignment_problem, mxfp8_shape_problem
+from .token_groups import pad_token_groups, unpad_token_groups, zero_rows_after
+from .validation import (
+    aligned_rows_problem,
+    check_metadata,
+    check_offs_values,
+    group_alignment_problem,
+    mxfp8_shape_problem,
+)
 
-__all__ = ["GroupedMM", "make_bf16", "make_mxfp8", "log_once"]
+__all__ = ["GroupedMM", "make_bf16", "make_mxfp8", "log_once", "clear_log_once"]
 
 logger = logging.getLogger("mxfp8_compat")
 _logged: set[str] = set()
@@ -30,63 +40,130 @@ def log_once(message: str) -> None:
         logger.warning(message)
 
 
+def clear_log_once() -> None:
+    """Forget which messages :func:`log_once` has logged (``mxfp8_compat.reset()``)."""
+    _logged.clear()
+
+
 class GroupedMM(Protocol):
-    """``torch._grouped_mm``'s contract, with ``out_dtype`` keyword-only."""
+    """``torch._grouped_mm``'s contract; ``groups_aligned`` is this library's addition."""
 
     def __call__(
-        self, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        offs: torch.Tensor,
+        *,
+        out_dtype: Optional[torch.dtype] = None,
+        bias: Optional[torch.Tensor] = None,
+        groups_aligned: bool = False,
     ) -> torch.Tensor: ...
 
 
-def _raise_clear(error: Exception, A: object, B: object, offs: object, out_dtype: object) -> NoReturn:
-    """Re-raise ``error`` as the metadata check's ValueError/TypeError when the arguments are at fault."""
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _retry_or_raise(
+    error: Exception, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: object, bias: object
+) -> torch.Tensor:
+    """torch._grouped_mm rejected a call: name the argument, or run what it cannot (strided operands).
+
+    Metadata errors become the metadata check's ValueError/TypeError (chained to torch's).
+    When the metadata is valid, torch refused the operands' strides (e.g. B strided along
+    N): the call runs on contiguous copies, as the MXFP8 paths do, and says so once.
+    """
     try:
-        check_metadata(A, B, offs, out_dtype)
+        check_metadata(A, B, offs, out_dtype, bias)
     except (TypeError, ValueError) as clear:
         raise clear from error
-    raise error
+    if A.is_contiguous() and B.is_contiguous():
+        raise error
+    log_once(
+        "mxfp8_compat: torch._grouped_mm rejects the strides of A or B "
+        f"(A strides {A.stride()}, B strides {B.stride()}: {str(error).splitlines()[0][:120]}); "
+        "such calls run on contiguous copies (store B contiguous, or per-group column-major, to avoid the copy)"
+    )
+    return _bf16_call(A.contiguous(), B.contiguous(), offs, out_dtype)
+
+
+def _bf16_call(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: object) -> torch.Tensor:
+    if out_dtype is None or out_dtype is A.dtype:
+        out = torch._grouped_mm(A, B, offs=offs)
+    else:
+        out = grouped_mm_fallback(A, B, offs, out_dtype)  # type: ignore[arg-type]
+    return _ContiguousGrad.apply(out) if out.requires_grad else out
 
 
 def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
     """The bf16 backend: ``torch._grouped_mm`` itself, with every metadata error named.
 
-    With bf16 inputs and the default ``out_dtype`` the result is bitwise that of
-    ``torch._grouped_mm(A, B, offs=offs)``. Arguments torch rejects are re-raised as the
-    metadata check's ValueError/TypeError (chained to torch's error). ``use_loop`` selects the per-group loop where
-    this torch has no ``_grouped_mm`` kernel for the device.
+    With ``out_dtype`` None or A's dtype the result is bitwise that of
+    ``torch._grouped_mm(A, B, offs=offs)``; any group sizes and ``offs[-1] <= M`` are
+    torch's own (rows after ``offs[-1]``, and their input gradient, are left uninitialised
+    by torch). The incoming gradient is made contiguous (torch's backward rejects an
+    expanded one, e.g. from ``out.sum().backward()``). Arguments torch rejects are re-raised
+    as the metadata check's ValueError/TypeError. ``use_loop`` selects the per-group loop
+    where this torch has no ``_grouped_mm`` kernel for the device.
     """
-    bfloat16 = torch.bfloat16
 
     if use_loop:
 
         def bf16_grouped_mm_loop(
-            A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = bfloat16
+            A: torch.Tensor,
+            B: torch.Tensor,
+            offs: torch.Tensor,
+            *,
+            out_dtype: Optional[torch.dtype] = None,
+            bias: Optional[torch.Tensor] = None,
+            groups_aligned: bool = False,
         ) -> torch.Tensor:
-            check_metadata(A, B, offs, out_dtype)
-            if validate:
+            check_metadata(A, B, offs, out_dtype, bias)
+            if validate and not _compiling():
                 check_offs_values(A, offs)
-            return grouped_mm_fallback(A, B, offs, out_dtype)
+            return grouped_mm_fallback(A, B, offs, out_dtype or A.dtype)
 
         return bf16_grouped_mm_loop
 
-    grouped_mm, float32 = torch._grouped_mm, torch.float32
+    grouped_mm = torch._grouped_mm
+    bfloat16, float32 = torch.bfloat16, torch.float32
 
     def bf16_grouped_mm(
-        A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = bfloat16
+        A: torch.Tensor,
+        B: torch.Tensor,
+        offs: torch.Tensor,
+        *,
+        out_dtype: Optional[torch.dtype] = None,
+        bias: Optional[torch.Tensor] = None,
+        groups_aligned: bool = False,
     ) -> torch.Tensor:
         if validate:
-            check_metadata(A, B, offs, out_dtype)
-            check_offs_values(A, offs)
+            check_metadata(A, B, offs, out_dtype, bias)
+            if not _compiling():
+                check_offs_values(A, offs)
         try:
-            # The hot path checks only what torch._grouped_mm would accept silently (a 2D B is
-            # its 2D x 2D mode; float16; a CPU/meta mix) and lets torch check the rest: a
-            # full check costs ~2 us, 3% of the smallest CPU call.
-            if B.dim() == 3 and out_dtype is A.dtype and A.is_cpu is B.is_cpu and (out_dtype is bfloat16 or out_dtype is float32):
-                return grouped_mm(A, B, offs=offs)
+            # The hot path checks only what torch._grouped_mm would accept silently (3D A
+            # or 2D B are its other modes; offs None; float16; a device mix involving the
+            # CPU or meta) and lets torch check the rest.
+            if (
+                len(A.shape) == 2
+                and len(B.shape) == 3
+                and offs is not None
+                and bias is None
+                and (out_dtype is None or out_dtype is A.dtype)
+                and A.is_cpu is B.is_cpu is offs.is_cpu
+                and A.is_meta is B.is_meta is offs.is_meta
+                and (A.dtype is bfloat16 or A.dtype is float32)
+            ):
+                out = grouped_mm(A, B, offs=offs)
+                return _ContiguousGrad.apply(out) if out.requires_grad else out
         except Exception as error:  # torch rejected the call: name the argument in our words
-            _raise_clear(error, A, B, offs, out_dtype)
-        check_metadata(A, B, offs, out_dtype)
-        return grouped_mm_fallback(A, B, offs, out_dtype)
+            return _retry_or_raise(error, A, B, offs, out_dtype, bias)
+        check_metadata(A, B, offs, out_dtype, bias)
+        try:
+            return _bf16_call(A, B, offs, out_dtype)
+        except Exception as error:
+            return _retry_or_raise(error, A, B, offs, out_dtype, bias)
 
     return bf16_grouped_mm
 
@@ -107,12 +184,31 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _ZeroTailGrad(torch.autograd.Function):
+    """Identity on A whose backward zeroes the gradient rows after ``offs[-1]``.
+
+    Kernels leave those rows of their input gradient uninitialised; the contract says zero.
+    Used only where nothing is padded (padding already returns zeros there).
+    """
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(offs)
+        return A.view_as(A)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (offs,) = ctx.saved_tensors
+        return zero_rows_after(grad, offs), None
+
+
 def make_mxfp8(
     call: GroupedMMCall,
     *,
     validate: bool,
     contiguous_grad: bool,
-    group_multiple: int,
+    group_alignment: int,
+    shape_multiple: int = 32,
     shape_fallback: Optional[GroupedMM],
     label: str,
     float32_out: bool = True,
@@ -120,10 +216,14 @@ def make_mxfp8(
 ) -> GroupedMM:
     """An MXFP8 backend around ``call(A, B_t, offs, out_dtype)`` (torchao or the reference).
 
+    Any token-group sizes: where the callee needs groups aligned (``group_alignment`` > 1),
+    the call pads them on the device (:mod:`mxfp8_compat.token_groups`, no host sync) and
+    unpads the result, forward and backward, unless the caller promises
+    ``groups_aligned=True``. Rows after ``offs[-1]`` get a zero input gradient.
     A is made contiguous and B relaid out only when it is not already per-group
-    column-major (a weight from ``prepare_weight`` is passed through untouched). Calls
-    MXFP8 cannot take (K or N not multiples of 32; misaligned groups where checked) raise
-    ValueError, or, with ``shape_fallback`` (mode "auto"), run that and log the reason once.
+    column-major (a weight stored (E, N, K) and passed transposed is never copied). Calls
+    whose K or N the kernel cannot take (multiples of ``shape_multiple``) raise ValueError,
+    or, with ``shape_fallback`` (mode "auto"), run that and log the reason once.
     ``contiguous_grad`` makes the incoming gradient contiguous for callees that need it.
     ``float32_out=False`` says the callee cannot emit float32 here (torchao's emulation
     calls ``torch._grouped_mm``, whose CPU kernel emits only the input dtype): float32 is
@@ -133,39 +233,58 @@ def make_mxfp8(
     high-precision weight-gradient GEMM fails on float32 inputs: "expected m1 and m2 to have
     the same dtype"); like the upcast, this is far below MXFP8's own rounding.
     """
-    check_groups = group_multiple > 1
+    pads = group_alignment > 1
 
-    def reject(problem: str, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def reject(problem: str, A, B, offs, out_dtype) -> torch.Tensor:  # type: ignore[no-untyped-def]
         if shape_fallback is None:
-            raise ValueError(f"A, B, offs: {label} cannot run this call: {problem}")
+            raise ValueError(f"A, B: {label} cannot run this call: {problem}")
         log_once(f"mxfp8_compat: {label} cannot run a call ({problem}); that call runs in bf16")
         return shape_fallback(A, B, offs, out_dtype=out_dtype)
 
     def mxfp8_grouped_mm(
-        A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16
+        A: torch.Tensor,
+        B: torch.Tensor,
+        offs: torch.Tensor,
+        *,
+        out_dtype: Optional[torch.dtype] = None,
+        bias: Optional[torch.Tensor] = None,
+        groups_aligned: bool = False,
     ) -> torch.Tensor:
-        check_metadata(A, B, offs, out_dtype)
-        problem = mxfp8_shape_problem(A, B)
+        check_metadata(A, B, offs, out_dtype, bias)
+        out_dtype = out_dtype or A.dtype
+        problem = mxfp8_shape_problem(A, B, shape_multiple)
         if problem is not None:
             return reject(problem, A, B, offs, out_dtype)
+        promised = groups_aligned and pads
+        if promised:
+            problem = aligned_rows_problem(A, group_alignment)
+            if problem is not None:
+                raise ValueError(f"A: groups_aligned=True promises rows aligned to {group_alignment}, but {problem}")
         # Reading offs is free on the CPU, but under torch.compile it is a data-dependent
-        # op (a graph break): there only validate=True reads it.
-        if validate or (A.is_cpu and not torch.compiler.is_compiling()):
+        # op (a graph break): there only eager validate=True reads it.
+        if (validate or A.is_cpu) and not _compiling():
             ends = check_offs_values(A, offs)
-            if check_groups:
-                problem = group_alignment_problem(ends, group_multiple)
+            if promised:
+                problem = group_alignment_problem(ends, group_alignment)
                 if problem is not None:
-                    return reject(problem, A, B, offs, out_dtype)
+                    raise ValueError(f"offs: groups_aligned=True promises group sizes aligned to {group_alignment}, but {problem}")
         if bf16_operands and A.dtype is torch.float32:
             A, B = A.to(torch.bfloat16), B.to(torch.bfloat16)
+        callee_dtype = out_dtype
         if out_dtype is torch.float32 and not float32_out:
             log_once(f"mxfp8_compat: {label} cannot emit float32 on {A.device.type}; float32 output is its bf16 output upcast")
-            out = call(A.contiguous(), weight_relayout(B), offs, torch.bfloat16).float()
+            callee_dtype = torch.bfloat16
+        B_t = weight_relayout(B)
+        if pads and not groups_aligned:
+            A_padded, padded_offs, padding = pad_token_groups(A.contiguous(), offs, group_alignment)
+            out = unpad_token_groups(call(A_padded, B_t, padded_offs, callee_dtype), padding)
         else:
-            out = call(A.contiguous(), weight_relayout(B), offs, out_dtype)
-        if contiguous_grad and out.requires_grad:
-            return _ContiguousGrad.apply(out)
-        return out
+            if pads and A.requires_grad:
+                A = _ZeroTailGrad.apply(A, offs)
+            out = call(A.contiguous(), B_t, offs, callee_dtype)
+            if contiguous_grad and out.requires_grad:
+                out = _ContiguousGrad.apply(out)
+        return out if callee_dtype is out_dtype else out.to(out_dtype)
 
     mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
     return mxfp8_grouped_mm

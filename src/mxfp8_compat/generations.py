@@ -142,7 +142,10 @@ class Generation:
         scale_mode: the scale rule the generation's kernels use.
         wgrad_with_hp: the entry can keep the weight-gradient GEMM in high precision.
         native_flag: module attribute through which torchao reports its sm_100 kernels.
-        group_multiple: token-group sizes its MXFP8 kernels require, per kernel.
+        group_multiple: the multiple every token group's size (and M) must have, per kernel;
+            the callables pad to it on the device.
+        shape_multiple: the multiple K and N must have, per kernel (MXFP8 needs 32; 0.18+'s
+            native quantiser asserts 128).
         notes: what a maintainer should know.
     """
 
@@ -159,6 +162,7 @@ class Generation:
     via_autograd_function: bool = False
     native_flag: Optional[str] = None
     group_multiple: dict[str, int] = field(default_factory=lambda: {"native": 32, "emulated": 32})
+    shape_multiple: dict[str, int] = field(default_factory=lambda: {"native": 32, "emulated": 32})
     notes: str = ""
 
     def __repr__(self) -> str:
@@ -198,7 +202,11 @@ GENERATIONS: tuple[Generation, ...] = (
         wgrad_with_hp=True,
         native_flag="_SM100_KERNELS_AVAILABLE",
         group_multiple={"native": 128, "emulated": 32},
-        notes="4th parameter is now `bias`; `block_size` is gone. Native kernel needs group ends at multiples of 128.",
+        shape_multiple={"native": 128, "emulated": 32},
+        notes=(
+            "4th parameter is now `bias`; `block_size` is gone. The native CuTeDSL quantiser asserts "
+            "M, K (and N, for the gradient) multiples of 128 and every group a multiple of 128."
+        ),
     ),
     Generation(
         key="0.17",

@@ -17,10 +17,12 @@ from packaging.version import InvalidVersion, Version
 
 from .generations import GENERATIONS, Generation, GroupedMMCall, Kernel, entry_signature_params
 from .layout import weight_relayout
-from .reference import grouped_mm_float64, grouped_mm_support, sqnr_db
+from .reference import ScaleMode, grouped_mm_float64, grouped_mm_support, mxfp8_grouped_mm_reference, sqnr_db
 
 __all__ = [
     "SMOKE_MIN_SQNR_DB",
+    "SMOKE_MIN_MATCH_DB",
+    "SMOKE_GROUP_ROWS",
     "BoundEntry",
     "GenerationMatch",
     "SmokeResult",
@@ -213,58 +215,144 @@ def native_kernel_problem(bound: BoundEntry, device: torch.device) -> Optional[s
 
 @dataclass(frozen=True)
 class SmokeResult:
-    """SQNRs of a tiny run against the high-precision reference, and the verdict."""
+    """How a tiny run of a candidate path compared, and the verdict.
+
+    SQNRs (dB) are against float64 (``sqnr_*``) and against the reference MXFP8 emulation
+    with the path's scale rule (``match_*``); ``problem`` is None when the path passed.
+    """
 
     sqnr_out_db: float
     sqnr_grad_a_db: float
     sqnr_grad_b_db: float
     problem: Optional[str]
+    match_out_db: float = float("nan")
+    match_grad_a_db: float = float("nan")
+    match_grad_b_db: float = float("nan")
+
+
+#: Group sizes of the smoke problem: an empty group and sizes no kernel alignment divides,
+#: so the run goes through the padding a real MoE call needs.
+SMOKE_GROUP_ROWS = (40, 0, 88, 1)
+SMOKE_K = SMOKE_N = 128  # the largest K/N multiple any kernel asks for (0.18+ native: 128)
+#: A native kernel accumulates in its own order: its result must still sit this close to the
+#: reference MXFP8 emulation (bf16 rounding is ~50 dB; MXFP8 vs float64 is ~28 dB).
+SMOKE_MIN_MATCH_DB = 40.0
 
 
 def smoke_run(
-    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    fn: Callable[..., torch.Tensor],
     device: torch.device,
     *,
-    experts: int = 2,
-    group_rows: int = 128,
-    k: int = 64,
-    n: int = 64,
+    scale_mode: ScaleMode,
+    wgrad_with_hp: bool,
+    exact: bool,
     min_sqnr_db: float = SMOKE_MIN_SQNR_DB,
 ) -> SmokeResult:
-    """Run ``fn(A, B, offs)`` forward and backward on a tiny random problem and judge it.
+    """Run ``fn(A, B, offs)`` forward and backward on a tiny random problem; is it MXFP8?
 
-    Inputs are bf16 random normal (seeded, so a verdict is repeatable), B in the
-    per-group column-major layout. Output and both gradients must be finite and within
-    ``min_sqnr_db`` of a float64 reference; any exception is a failure.
+    The verdict needs all of: no exception; the output's shape and dtype (A's dtype by
+    default, float32 when asked); both gradients present, finite and of the right shape;
+    output and gradients recognisably MXFP8 with ``scale_mode`` -- bitwise the reference
+    emulation's output when ``exact`` (emulated paths), else within ``SMOKE_MIN_MATCH_DB``
+    of it, and closer to it than to unquantised bf16 -- and within ``min_sqnr_db`` of
+    float64. No quantisation, FP8 row-wise scales, the other scale rule or an ignored
+    ``out_dtype`` each fail it. Inputs are seeded (a verdict is repeatable) and made on the
+    CPU; the run ignores the caller's grad mode, default device and default dtype.
     """
-    generator = torch.Generator().manual_seed(20261125)
-    A = torch.randn(experts * group_rows, k, generator=generator).to(device=device, dtype=torch.bfloat16)
-    B = weight_relayout(torch.randn(experts, k, n, generator=generator).to(device=device, dtype=torch.bfloat16))
-    grad_out = torch.randn(experts * group_rows, n, generator=generator).to(device=device, dtype=torch.bfloat16)
-    offs = torch.arange(1, experts + 1, dtype=torch.int32, device=device) * group_rows
-    A.requires_grad_(True)
-    B.requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _smoke_run(fn, device, scale_mode, wgrad_with_hp, exact, min_sqnr_db)
+
+
+def _smoke_run(
+    fn: Callable[..., torch.Tensor],
+    device: torch.device,
+    scale_mode: ScaleMode,
+    wgrad_with_hp: bool,
+    exact: bool,
+    min_sqnr_db: float,
+) -> SmokeResult:
     nan = float("nan")
+    cpu = torch.device("cpu")
+    generator = torch.Generator(device=cpu).manual_seed(20261126)
+    rows, experts = sum(SMOKE_GROUP_ROWS), len(SMOKE_GROUP_ROWS)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float32, device=cpu).to(device=device, dtype=torch.bfloat16)
+
+    A0 = randn(rows, SMOKE_K)
+    B0 = weight_relayout(randn(experts, SMOKE_K, SMOKE_N))
+    grad_out = randn(rows, SMOKE_N)
+    offs = torch.tensor(SMOKE_GROUP_ROWS, dtype=torch.int64, device=cpu).cumsum(0).to(device=device, dtype=torch.int32)
+    A = A0.clone().requires_grad_(True)
+    B = B0.clone().requires_grad_(True)
     try:
         out = fn(A, B, offs)
         out.backward(grad_out)
+        out32 = fn(A0, B0, offs, out_dtype=torch.float32)
     except KeyboardInterrupt:
         raise
-    except BaseException as error:  # noqa: BLE001
+    except BaseException as error:  # noqa: BLE001 - every failure shape is a verdict
         return SmokeResult(nan, nan, nan, f"smoke run raised {type(error).__name__}: {_one_line(error)}")
-    A64 = A.detach().double().requires_grad_(True)
-    B64 = B.detach().double().requires_grad_(True)
-    ref = grouped_mm_float64(A64, B64, offs)
-    ref.backward(grad_out.double())
-    sqnrs = (sqnr_db(ref, out), sqnr_db(A64.grad, A.grad), sqnr_db(B64.grad, B.grad))
-    bad = [name for name, value in zip(("output", "grad A", "grad B"), sqnrs) if not value >= min_sqnr_db]
-    problem = None
-    if tuple(out.shape) != tuple(ref.shape):
-        problem = f"smoke run returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
-    elif bad:
-        shown = ", ".join(f"{name} {value:.1f} dB" for name, value in zip(("output", "grad A", "grad B"), sqnrs))
-        problem = f"smoke run failed the {min_sqnr_db:.0f} dB SQNR check against float64 ({shown})"
-    return SmokeResult(*sqnrs, problem)
+
+    def failed(problem: str, *sqnrs: float) -> SmokeResult:
+        return SmokeResult(*(sqnrs or (nan, nan, nan)), problem)  # type: ignore[arg-type]
+
+    expected = (rows, SMOKE_N)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        return failed(f"smoke run returned {_describe(out)}, expected a tensor of shape {expected}")
+    if out.dtype is not torch.bfloat16:
+        return failed(f"smoke run returned {out.dtype} for bfloat16 inputs, expected torch.bfloat16")
+    if not isinstance(out32, torch.Tensor) or out32.dtype is not torch.float32:
+        return failed(f"smoke run with out_dtype=torch.float32 returned {_describe(out32)}, expected torch.float32")
+    for name, leaf in (("A", A), ("B", B)):
+        if leaf.grad is None:
+            return failed(f"smoke run produced no gradient for {name}")
+        if tuple(leaf.grad.shape) != tuple(leaf.shape) or not bool(torch.isfinite(leaf.grad).all()):
+            return failed(f"smoke run produced a non-finite or misshapen gradient for {name}")
+    if not bool(torch.isfinite(out).all()):
+        return failed("smoke run produced a non-finite output")
+
+    A64 = A0.double().requires_grad_(True)
+    B64 = B0.double().requires_grad_(True)
+    exact_out = grouped_mm_float64(A64, B64, offs)
+    exact_out.backward(grad_out.double())
+    actual = (out, A.grad, B.grad)
+    sqnrs = (sqnr_db(exact_out, out), sqnr_db(A64.grad, A.grad), sqnr_db(B64.grad, B.grad))
+
+    A_ref = A0.clone().requires_grad_(True)
+    B_ref = B0.clone().requires_grad_(True)
+    ref_out = mxfp8_grouped_mm_reference(A_ref, B_ref, offs, torch.bfloat16, scale_mode, wgrad_with_hp)
+    ref_out.backward(grad_out)
+    matches = (sqnr_db(ref_out, out), sqnr_db(A_ref.grad, A.grad), sqnr_db(B_ref.grad, B.grad))
+    bf16_out = exact_out.detach().to(torch.bfloat16)
+    names = ("output", "grad A", "grad B")
+
+    def result(problem: Optional[str]) -> SmokeResult:
+        return SmokeResult(*sqnrs, problem, *matches)
+
+    shown = ", ".join(f"{name} {value:.1f} dB" for name, value in zip(names, sqnrs))
+    if not all(value >= min_sqnr_db for value in sqnrs):
+        return result(f"smoke run failed the {min_sqnr_db:.0f} dB SQNR check against float64 ({shown})")
+    rule = f"MXFP8 with {scale_mode.value.upper()} scales"
+    if exact and not torch.equal(out, ref_out):
+        return result(
+            f"smoke run output is not bitwise the reference emulation ({rule}): {matches[0]:.1f} dB from it"
+        )
+    close = ", ".join(f"{name} {value:.1f} dB" for name, value in zip(names, matches))
+    if not all(value >= SMOKE_MIN_MATCH_DB for value in matches):
+        return result(f"smoke run is not recognisably {rule}: SQNR against the reference emulation {close} (needs {SMOKE_MIN_MATCH_DB:.0f})")
+    to_bf16 = sqnr_db(bf16_out, out)
+    if not matches[0] > to_bf16:
+        return result(
+            f"smoke run output is closer to unquantised bf16 ({to_bf16:.1f} dB) than to {rule} ({matches[0]:.1f} dB)"
+        )
+    return result(None)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 def clear_caches() -> None:

@@ -300,6 +300,7 @@ def _reference_backward(
     grad_q = mx_fake_quantize(grad_out, dim=-1, scale_mode=scale_mode)
     B_q = mx_fake_quantize(B, dim=2, scale_mode=scale_mode)
     grad_A = grouped_mm_highprec(grad_q, B_q.transpose(-2, -1).contiguous(), offs, torch.float32).to(A.dtype)
+    grad_A = _zero_rows_after_last_group(grad_A, offs)
     if wgrad_with_hp:
         A_w, grad_w = A, grad_out
     else:
@@ -311,6 +312,14 @@ def _reference_backward(
 @_reference_backward.register_fake
 def _(grad_out, A, B, offs, scale_mode, wgrad_with_hp):  # type: ignore[no-untyped-def]
     return torch.empty_like(A), B.new_empty(B.shape)
+
+
+def _zero_rows_after_last_group(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows after ``offs[-1]`` (padding in a static-length buffer) get a zero input gradient."""
+    if offs.shape[0] == 0:
+        return torch.zeros_like(x)
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
+    return torch.where(rows < offs[-1].to(torch.int64), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _weight_grad(A: torch.Tensor, grad_out: torch.Tensor, offs: torch.Tensor, experts: int) -> torch.Tensor:
@@ -397,7 +406,8 @@ def mxfp8_grouped_mm_reference(
     """Differentiable MXFP8 grouped GEMM in plain PyTorch (the ``mxfp8-emulated`` fallback).
 
     ``torch._grouped_mm`` contract: A (M, K), B (E, K, N), ``offs`` int32 (E,) cumulative end
-    rows; returns (M, N) in ``out_dtype``. K and N must be multiples of 32; group sizes may
+    rows with ``offs[-1] <= M``; returns (M, N) in ``out_dtype`` (rows after ``offs[-1]``
+    unspecified, their input gradient zero). K and N must be multiples of 32; group sizes may
     be anything (short blocks at group ends). No input validation: callers validate.
     """
     return _reference_forward(A, B, offs, out_dtype, ScaleMode(scale_mode).value, wgrad_with_hp)

@@ -38,7 +38,7 @@ class Resolution:
     """What ``resolve()`` chose, and why. Call it like the grouped GEMM it wraps.
 
     Attributes:
-        fn: the grouped GEMM, ``fn(A, B, offs, *, out_dtype=torch.bfloat16)``.
+        fn: the grouped GEMM, ``fn(A, B, offs, *, out_dtype=None, bias=None, groups_aligned=False)``.
         backend: ``"mxfp8"`` (native kernel), ``"mxfp8-emulated"`` or ``"bf16"``.
         generation: the adapter-table row in use, or None (no torchao, or not used).
         torchao_version: the installed torchao's version, or None.
@@ -49,6 +49,10 @@ class Resolution:
         mode: the mode that was resolved.
         smoke_sqnr_db: output SQNR (dB) of the smoke run of the chosen MXFP8 path, if any.
         emulation: for ``mxfp8-emulated``, ``"torchao"`` or ``"reference"``.
+        group_alignment: the multiple of rows every token group (and M) needs for ``fn`` to
+            pad nothing: 1 for bf16 and the reference, 32 for torchao's MXFP8 paths, 128
+            for 0.18+'s native kernel. Any group sizes work; a dispatcher that pads to this
+            while it permutes tokens anyway passes ``groups_aligned=True`` and saves a pass.
     """
 
     fn: GroupedMM = field(repr=False)
@@ -61,11 +65,19 @@ class Resolution:
     mode: Mode = "auto"
     smoke_sqnr_db: Optional[float] = None
     emulation: Optional[str] = None
+    group_alignment: int = 1
 
     def __call__(
-        self, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        offs: torch.Tensor,
+        *,
+        out_dtype: Optional[torch.dtype] = None,
+        bias: Optional[torch.Tensor] = None,
+        groups_aligned: bool = False,
     ) -> torch.Tensor:
-        return self.fn(A, B, offs, out_dtype=out_dtype)
+        return self.fn(A, B, offs, out_dtype=out_dtype, bias=bias, groups_aligned=groups_aligned)
 
 
 _cache: dict[tuple[object, ...], Resolution] = {}
@@ -247,16 +259,18 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
     if problem is not None:
         return ctx.torchao_reasons + (problem,)
     notes = _wgrad_notes(generation, ctx.wgrad_with_hp)
+    wgrad_with_hp = ctx.wgrad_with_hp and generation.wgrad_with_hp
     fn = make_mxfp8(
-        bound.bind("native", ctx.wgrad_with_hp and generation.wgrad_with_hp),
+        bound.bind("native", wgrad_with_hp),
         validate=ctx.validate,
         contiguous_grad=True,
         bf16_operands=True,
-        group_multiple=generation.group_multiple["native"],
+        group_alignment=generation.group_multiple["native"],
+        shape_multiple=generation.shape_multiple["native"],
         shape_fallback=shape_fallback,
         label=f"torchao {generation.key} native MXFP8",
     )
-    smoke = probes.smoke_run(fn, ctx.device)
+    smoke = probes.smoke_run(fn, ctx.device, scale_mode=generation.scale_mode, wgrad_with_hp=wgrad_with_hp, exact=False)
     if smoke.problem is not None:
         return ctx.torchao_reasons + (f"native MXFP8 of torchao {generation.key} failed its smoke run: {smoke.problem}",)
     return _resolution(
@@ -267,6 +281,7 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
         reasons=ctx.torchao_reasons + notes,
         mode="native" if shape_fallback is None else "auto",
         smoke_sqnr_db=smoke.sqnr_out_db,
+        group_alignment=generation.group_multiple["native"],
     )
 
 
@@ -287,17 +302,19 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
         generation = bound.generation
         scale_mode = generation.scale_mode
         if generation.emulation == "torchao":
+            wgrad_with_hp = ctx.wgrad_with_hp and generation.wgrad_with_hp
             fn = make_mxfp8(
-                bound.bind("emulated", ctx.wgrad_with_hp and generation.wgrad_with_hp),
+                bound.bind("emulated", wgrad_with_hp),
                 validate=ctx.validate,
                 contiguous_grad=True,
                 bf16_operands=True,
-                group_multiple=generation.group_multiple["emulated"],
+                group_alignment=generation.group_multiple["emulated"],
+                shape_multiple=generation.shape_multiple["emulated"],
                 shape_fallback=None,
                 label=f"torchao {generation.key} emulated MXFP8",
                 float32_out=grouped_mm_support(ctx.device.type, torch.bfloat16)[1],
             )
-            smoke = probes.smoke_run(fn, ctx.device)
+            smoke = probes.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=wgrad_with_hp, exact=True)
             if smoke.problem is None:
                 return _resolution(
                     ctx,
@@ -308,6 +325,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
                     mode="emulated",
                     smoke_sqnr_db=smoke.sqnr_out_db,
                     emulation="torchao",
+                    group_alignment=generation.group_multiple["emulated"],
                 )
             reasons.append(f"torchao {generation.key}'s emulated MXFP8 failed its smoke run: {smoke.problem}")
         else:
@@ -319,11 +337,11 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
         reference_call(scale_mode, ctx.wgrad_with_hp),
         validate=ctx.validate,
         contiguous_grad=False,
-        group_multiple=1,
+        group_alignment=1,
         shape_fallback=None,
         label="reference emulated MXFP8",
     )
-    smoke = probes.smoke_run(fn, ctx.device)
+    smoke = probes.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=ctx.wgrad_with_hp, exact=True)
     if smoke.problem is not None:
         raise MXFP8Unavailable("emulated", tuple(reasons) + (f"the reference emulation failed its smoke run: {smoke.problem}",))
     resolution = _resolution(

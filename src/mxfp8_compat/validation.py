@@ -1,9 +1,11 @@
-"""Input checks for the uniform ``grouped_mm(A, B, offs, *, out_dtype)`` contract.
+"""Input checks for the uniform ``grouped_mm(A, B, offs, *, out_dtype=None, bias=None)`` contract.
 
-Metadata checks (ndim, dtype, lengths, K match, device) read no tensor data and cost no
-device sync: every callable runs them before any kernel. Value checks (``offs``
-non-decreasing, ``offs[-1] == M``, group alignment) read ``offs`` and so cost a sync on a
-GPU: they run with ``validate=True``, and on the CPU where reading ``offs`` is free.
+Metadata checks (ndim, dtype, lengths, K match, devices of all three tensors) read no
+tensor data and cost no device sync: every callable runs them before any kernel. Value
+checks (``offs`` non-negative, non-decreasing, ``offs[-1] <= M``; alignment where the
+caller promised it) read ``offs`` and so cost a sync on a GPU: they run with
+``validate=True``, and on the CPU where reading ``offs`` is free; never while
+``torch.compile`` traces (a data-dependent read there is a graph break).
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import torch
 
 from .reference import BLOCK_SIZE
 
-__all__ = ["SUPPORTED_DTYPES", "check_metadata", "check_offs_values", "mxfp8_shape_problem", "group_alignment_problem"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "check_metadata",
+    "check_offs_values",
+    "mxfp8_shape_problem",
+    "group_alignment_problem",
+    "aligned_rows_problem",
+]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -22,8 +31,11 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 _BF16, _FP32, _INT32 = torch.bfloat16, torch.float32, torch.int32
 
 
-def check_metadata(A: object, B: object, offs: object, out_dtype: object) -> None:
+def check_metadata(A: object, B: object, offs: object, out_dtype: object, bias: object = None) -> None:
     """Raise TypeError / ValueError naming the argument when the call breaks the contract.
+
+    ``out_dtype`` None means A's dtype, as in ``torch._grouped_mm``; ``bias`` must be None
+    (``torch._grouped_mm`` rejects a bias for 2D x 3D inputs too: add it to the output).
 
     The passing case is one boolean expression over the cheapest tensor attributes (one
     ``shape`` per tensor rather than ``dim()``/``size(i)``, which each go through torch's
@@ -42,17 +54,18 @@ def check_metadata(A: object, B: object, offs: object, out_dtype: object) -> Non
             and offs.dtype is _INT32  # type: ignore[attr-defined]
             and B.dtype is a_dtype  # type: ignore[attr-defined]
             and (a_dtype is _BF16 or a_dtype is _FP32)
-            and (out_dtype is _BF16 or out_dtype is _FP32)
+            and (out_dtype is _BF16 or out_dtype is _FP32 or out_dtype is None)
+            and bias is None
             and A.get_device() == B.get_device() == offs.get_device()  # type: ignore[attr-defined]
             and A.is_cpu == B.is_cpu == offs.is_cpu  # type: ignore[attr-defined]
         ):
             return
     except (AttributeError, TypeError):
         pass
-    _explain_metadata(A, B, offs, out_dtype)
+    _explain_metadata(A, B, offs, out_dtype, bias)
 
 
-def _explain_metadata(A: object, B: object, offs: object, out_dtype: object) -> None:
+def _explain_metadata(A: object, B: object, offs: object, out_dtype: object, bias: object) -> None:
     for name, value in (("A", A), ("B", B), ("offs", offs)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
@@ -69,8 +82,12 @@ def _explain_metadata(A: object, B: object, offs: object, out_dtype: object) -> 
         raise TypeError(f"A: expected dtype torch.bfloat16 or torch.float32, got {A.dtype}")
     if B.dtype is not A.dtype:
         raise TypeError(f"B: expected the dtype of A ({A.dtype}), got {B.dtype}")
-    if out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"out_dtype: expected torch.bfloat16 or torch.float32, got {out_dtype!r}")
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"out_dtype: expected None, torch.bfloat16 or torch.float32, got {out_dtype!r}")
+    if bias is not None:
+        raise ValueError(
+            "bias: expected None (torch._grouped_mm takes no bias for 2D x 3D inputs); add the bias to the output"
+        )
     if offs.shape[0] != B.shape[0]:
         raise ValueError(f"offs: expected length E={B.shape[0]} (B.shape[0]), got {offs.shape[0]}")
     if A.shape[1] != B.shape[1]:
@@ -81,9 +98,10 @@ def _explain_metadata(A: object, B: object, offs: object, out_dtype: object) -> 
 
 
 def check_offs_values(A: torch.Tensor, offs: torch.Tensor) -> list[int]:
-    """Raise ValueError unless ``offs`` is non-negative, non-decreasing and ends at M (reads offs).
+    """Raise ValueError unless ``offs`` is non-negative, non-decreasing and ``offs[-1] <= M`` (reads offs).
 
-    Returns the group ends, so that callers with more checks read ``offs`` once.
+    ``offs[-1] < M`` is a dispatcher's static-length buffer: rows after the last group are
+    padding. Returns the group ends, so that callers with more checks read ``offs`` once.
     """
     ends = offs.tolist()
     previous = 0
@@ -92,25 +110,39 @@ def check_offs_values(A: torch.Tensor, offs: torch.Tensor) -> list[int]:
             problem = "non-negative" if end < 0 else "non-decreasing cumulative"
             raise ValueError(f"offs: expected {problem} group ends, got {ends}")
         previous = end
-    if ends and ends[-1] != A.shape[0]:
-        raise ValueError(f"offs: expected offs[-1] == M == {A.shape[0]} (A.shape[0]), got {ends[-1]}")
+    if ends and ends[-1] > A.shape[0]:
+        raise ValueError(f"offs: expected offs[-1] <= M == {A.shape[0]} (A.shape[0]), got {ends[-1]}")
     return ends
 
 
-def mxfp8_shape_problem(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
-    """Why this (already valid) call cannot run in MXFP8, from metadata alone; None when it can."""
+def mxfp8_shape_problem(A: torch.Tensor, B: torch.Tensor, multiple: int = BLOCK_SIZE) -> Optional[str]:
+    """Why this (already valid) call cannot run in MXFP8, from metadata alone; None when it can.
+
+    K and N must be multiples of the block size (scales cover blocks of 32 along K in forward
+    and along N in the input-gradient GEMM); some kernels need a larger ``multiple`` (0.18+'s
+    native quantiser asserts ``K % 128 == 0`` and, for the gradient, ``N % 128 == 0``).
+    """
     K, N = B.shape[1], B.shape[2]
-    if K % BLOCK_SIZE:
-        return f"K={K} is not a multiple of {BLOCK_SIZE} (MXFP8 scales blocks of {BLOCK_SIZE} along K)"
-    if N % BLOCK_SIZE:
-        return f"N={N} is not a multiple of {BLOCK_SIZE} (the input-gradient GEMM scales blocks of {BLOCK_SIZE} along N)"
+    if K % multiple:
+        return f"K={K} is not a multiple of {multiple} (MXFP8 scales blocks of {BLOCK_SIZE} along K; this kernel needs {multiple})"
+    if N % multiple:
+        return (
+            f"N={N} is not a multiple of {multiple} (the input-gradient GEMM scales blocks of {BLOCK_SIZE} "
+            f"along N; this kernel needs {multiple})"
+        )
     return None
 
 
 def group_alignment_problem(ends: list[int], multiple: int) -> Optional[str]:
-    """Why the group ends break a kernel's alignment rule; None when they don't."""
-    for end in ends:
-        if end % multiple:
-            misaligned = [end for end in ends if end % multiple]
-            return f"group ends {misaligned} are not multiples of {multiple}, as this MXFP8 kernel requires (pad token groups)"
+    """Why the group ends break an alignment the caller promised; None when they don't."""
+    misaligned = [end for end in ends if end % multiple]
+    if misaligned:
+        return f"group ends {misaligned} are not multiples of {multiple}"
+    return None
+
+
+def aligned_rows_problem(A: torch.Tensor, multiple: int) -> Optional[str]:
+    """Why A's row count breaks a promised alignment (metadata only); None when it doesn't."""
+    if A.shape[0] % multiple:
+        return f"M={A.shape[0]} (A.shape[0]) is not a multiple of {multiple}"
     return None

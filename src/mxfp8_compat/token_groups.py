@@ -1,0 +1,306 @@
+"""Token-group padding without a host sync: any group sizes reach kernels that need aligned ones.
+
+MoE routing gives each expert any number of tokens (0, 1, 37, ...). torchao's MXFP8 kernels
+need every group's size to be a multiple of an alignment (32; 128 for 0.18+'s native
+kernel), and a wrong size is a wrong result, an illegal memory access or a device-side
+assert that kills the process. Reading ``offs`` on the host to check would cost a device
+sync on every call, so the MXFP8 callables pad instead, entirely on the device, the way MoE
+stacks do (torchtitan's ``generate_permute_indices``, torchao's ``permute_and_pad``):
+
+* group sizes from ``offs``, padded sizes ``ceil(size / a) * a`` (an empty group stays empty),
+  padded ends by ``cumsum``;
+* a buffer of a *static* length known on the host, ``round_up(M + E * (a - 1), a)``, which
+  every padded layout fits;
+* one row gather in (padding rows read as zeros) and one row gather out, forward and
+  backward; each gather's backward is a gather through the inverse map, so gradients are
+  exact and deterministic (no atomics).
+
+Rows after ``offs[-1]`` (a dispatcher's static-length buffer) are dropped on the way in and
+come back as zeros, so their input gradient is zero.
+
+Dispatchers that already permute tokens can pad in the same pass (``Resolution.group_alignment``
+says to what) and then promise it with ``groups_aligned=True``, which skips this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "TokenGroupPadding",
+    "padded_rows_bound",
+    "token_group_padding",
+    "pad_token_groups",
+    "unpad_token_groups",
+    "pad_with",
+    "zero_rows_after",
+]
+
+
+def padded_rows_bound(rows: int, groups: int, alignment: int) -> int:
+    """Rows of a buffer that holds ``rows`` tokens in ``groups`` groups, each padded to ``alignment``.
+
+    ``round_up(rows + groups * (alignment - 1), alignment)``: every group adds fewer than
+    ``alignment`` padding rows, and the total is itself a multiple of ``alignment`` (0.18's
+    native quantiser asserts ``M % 128 == 0``). Known on the host, so no sync.
+    """
+    if alignment <= 1:
+        return rows
+    return -(-(rows + groups * (alignment - 1)) // alignment) * alignment
+
+
+@dataclass(frozen=True)
+class TokenGroupPadding:
+    """Where each token goes in the padded buffer, and back. All index tensors live on the device.
+
+    Attributes:
+        alignment: the multiple every padded group size (and ``padded_rows``) has.
+        rows: M, the rows of the unpadded tensor.
+        padded_rows: the static length of the padded buffer (:func:`padded_rows_bound`).
+        padded_offs: int32 ``(E,)`` cumulative ends of the padded groups (multiples of ``alignment``).
+        source_rows: int64 ``(padded_rows,)``: the unpadded row each padded row holds, ``rows``
+            for a padding row (read as zeros).
+        padded_positions: int64 ``(rows,)``: the padded row of each unpadded row,
+            ``padded_rows`` for rows after ``offs[-1]`` (which come back as zeros).
+    """
+
+    alignment: int
+    rows: int
+    padded_rows: int
+    padded_offs: torch.Tensor
+    source_rows: torch.Tensor
+    padded_positions: torch.Tensor
+
+
+def token_group_padding(offs: torch.Tensor, rows: int, alignment: int) -> TokenGroupPadding:
+    """Compute the padded layout of token groups ending at ``offs`` (no host sync).
+
+    Args:
+        offs: int32 ``(E,)`` cumulative group ends, ``offs[-1] <= rows``; read only on the device.
+        rows: M, the number of rows the groups index into.
+        alignment: the multiple each padded group size must have (>= 1).
+
+    Malformed ``offs`` (decreasing, negative, past ``rows``) cannot be detected without a
+    sync; the index maps are clamped so that such input never reads or writes out of bounds.
+    """
+    if alignment < 1:
+        raise ValueError(f"alignment: expected a positive integer, got {alignment}")
+    device = offs.device
+    groups = offs.shape[0]
+    padded_rows = padded_rows_bound(rows, groups, alignment)
+    if groups == 0:
+        return TokenGroupPadding(
+            alignment,
+            rows,
+            padded_rows,
+            offs.to(torch.int32),
+            torch.full((padded_rows,), rows, dtype=torch.int64, device=device),
+            torch.full((rows,), padded_rows, dtype=torch.int64, device=device),
+        )
+    ends = offs.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    sizes = ends - starts
+    padded_sizes = (sizes + (alignment - 1)) // alignment * alignment
+    padded_ends = torch.cumsum(padded_sizes, 0)
+    padded_starts = padded_ends - padded_sizes
+
+    # padded row j -> its group, its position in the group, the source row (or `rows`: padding)
+    j = torch.arange(padded_rows, device=device)
+    group = torch.searchsorted(padded_ends, j, right=True)
+    group_c = group.clamp(max=groups - 1)
+    within = j - padded_starts[group_c]
+    holds_token = (group < groups) & (within < sizes[group_c])
+    source_rows = torch.where(holds_token, starts[group_c] + within, rows).clamp_(0, rows)
+
+    # unpadded row i -> its group -> its padded row (or `padded_rows`: after offs[-1])
+    i = torch.arange(rows, device=device)
+    group = torch.searchsorted(ends, i, right=True)
+    group_c = group.clamp(max=groups - 1)
+    position = padded_starts[group_c] + (i - starts[group_c])
+    padded_positions = torch.where(group < groups, position, padded_rows).clamp_(0, padded_rows)
+
+    return TokenGroupPadding(
+        alignment, rows, padded_rows, padded_ends.to(torch.int32), source_rows, padded_positions
+    )
+
+
+# --- the row gather ------------------------------------------------------------------------
+
+
+def _gather_rows_torch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[r] = x[index[r]]``, zeros where ``index[r] >= x.shape[0]``."""
+    n = x.shape[0]
+    if n == 0:
+        return x.new_zeros((index.shape[0],) + tuple(x.shape[1:]))
+    out = torch.index_select(x, 0, index.clamp(max=n - 1))
+    return out.masked_fill_((index >= n).unsqueeze(-1), 0)
+
+
+_triton_gather = None  # the compiled kernel launcher, built on first CUDA use
+
+
+def _gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
+    """The same gather as one Triton kernel (one read of each kept row, one write): None without triton."""
+    global _triton_gather
+    if _triton_gather is None:
+        try:
+            _triton_gather = _build_triton_gather()
+        except Exception:  # noqa: BLE001 - no (working) triton: the torch version serves
+            _triton_gather = False
+    if _triton_gather is False:
+        return None
+    return _triton_gather(x, index)
+
+
+def _build_triton_gather():  # type: ignore[no-untyped-def]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather_rows_kernel(
+        x_ptr, index_ptr, out_ptr, n_src, n_out, n_cols, stride_xr, stride_xc,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_ok = rows < n_out
+        src = tl.load(index_ptr + rows, mask=row_ok, other=n_src)
+        keep = src < n_src
+        col_ok = cols < n_cols
+        values = tl.load(
+            x_ptr + src[:, None].to(tl.int64) * stride_xr + cols[None, :] * stride_xc,
+            mask=keep[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        out_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        tl.store(out_ptr + out_offsets, values, mask=row_ok[:, None] & col_ok[None, :])
+
+    def launch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        n_out, n_cols = index.shape[0], x.shape[1]
+        out = x.new_empty((n_out, n_cols))
+        if n_out == 0 or n_cols == 0:
+            return out
+        block_c = min(256, triton.next_power_of_2(n_cols))
+        block_r = max(1, 4096 // block_c)
+        grid = (triton.cdiv(n_out, block_r), triton.cdiv(n_cols, block_c))
+        gather_rows_kernel[grid](
+            x, index, out, x.shape[0], n_out, n_cols, x.stride(0), x.stride(1),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        )
+        return out
+
+    return launch
+
+
+@torch.library.custom_op("mxfp8_compat::gather_rows", mutates_args=())
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[r] = x[index[r]]`` for a 2D ``x``; rows with ``index[r] >= x.shape[0]`` are zero."""
+    if x.is_cuda and x.dim() == 2:
+        out = _gather_rows_triton(x, index)
+        if out is not None:
+            return out
+    return _gather_rows_torch(x, index)
+
+
+@_gather_rows.register_fake
+def _(x, index):  # type: ignore[no-untyped-def]
+    return x.new_empty((index.shape[0],) + tuple(x.shape[1:]))
+
+
+class _GatherRows(torch.autograd.Function):
+    """Row gather whose backward is the gather through the inverse map (a bijection on kept rows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return _gather_rows(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return _gather_rows(grad, inverse), None, None
+
+
+def pad_token_groups(
+    x: torch.Tensor, offs: torch.Tensor, alignment: int
+) -> tuple[torch.Tensor, torch.Tensor, TokenGroupPadding]:
+    """Pad each token group of ``x`` (M, K) to a multiple of ``alignment`` rows, on the device.
+
+    Returns ``(x_padded, padded_offs, padding)``: ``x_padded`` has ``padding.padded_rows``
+    rows (padding rows and the tail after the last group are zeros), ``padded_offs`` the
+    padded group ends to pass to the kernel, and ``padding`` what :func:`unpad_token_groups`
+    needs. Differentiable in ``x``; no host sync.
+    """
+    padding = token_group_padding(offs, x.shape[0], alignment)
+    return pad_with(x, padding), padding.padded_offs, padding
+
+
+def pad_with(x: torch.Tensor, padding: TokenGroupPadding) -> torch.Tensor:
+    """Pad ``x`` with an existing :class:`TokenGroupPadding` (e.g. a gradient with the same groups)."""
+    return _GatherRows.apply(x, padding.source_rows, padding.padded_positions)
+
+
+def unpad_token_groups(y: torch.Tensor, padding: TokenGroupPadding) -> torch.Tensor:
+    """Inverse of :func:`pad_token_groups`: the ``padding.rows`` rows of ``y`` that hold tokens.
+
+    Rows after the last group come back as zeros. Differentiable; no host sync.
+    """
+    return _GatherRows.apply(y, padding.padded_positions, padding.source_rows)
+
+
+# --- rows after the last group ---------------------------------------------------------------
+
+
+_triton_zero_tail = None
+
+
+def _build_triton_zero_tail():  # type: ignore[no-untyped-def]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def zero_rows_after_kernel(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        end = tl.load(offs_ptr + last)
+        first_row = tl.program_id(0) * BLOCK_R
+        if first_row + BLOCK_R > end:  # blocks wholly before offs[-1] touch no memory
+            rows = first_row + tl.arange(0, BLOCK_R)
+            row_ok = (rows >= end) & (rows < n_rows)
+            for c in range(0, n_cols, BLOCK_C):
+                cols = c + tl.arange(0, BLOCK_C)
+                mask = row_ok[:, None] & (cols < n_cols)[None, :]
+                zeros = tl.zeros((BLOCK_R, BLOCK_C), dtype=x_ptr.dtype.element_ty)
+                tl.store(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :], zeros, mask=mask)
+
+    def launch(x: torch.Tensor, offs: torch.Tensor) -> None:
+        block_r, block_c = 16, 256
+        grid = (triton.cdiv(x.shape[0], block_r),)
+        zero_rows_after_kernel[grid](x, offs, offs.shape[0] - 1, x.shape[0], x.shape[1], x.stride(0), BLOCK_R=block_r, BLOCK_C=block_c)
+
+    return launch
+
+
+def zero_rows_after(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x`` with its rows from ``offs[-1]`` on set to zero (no host sync on a GPU).
+
+    On CUDA with triton the rows are zeroed in place (only the tail is touched); elsewhere
+    a new tensor is returned. For a kernel's fresh gradient buffer, which nothing else holds.
+    """
+    if offs.shape[0] == 0:
+        return torch.zeros_like(x)
+    global _triton_zero_tail
+    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and not torch.compiler.is_compiling():
+        if _triton_zero_tail is None:
+            try:
+                _triton_zero_tail = _build_triton_zero_tail()
+            except Exception:  # noqa: BLE001 - no (working) triton: the torch version serves
+                _triton_zero_tail = False
+        if _triton_zero_tail is not False:
+            _triton_zero_tail(x, offs)
+            return x
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
+    return torch.where(rows < offs[-1].to(torch.int64), x, torch.zeros((), dtype=x.dtype, device=x.device))
