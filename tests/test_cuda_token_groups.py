@@ -107,3 +107,24 @@ def test_padded_path_compiles_without_a_graph_break_from_the_shim():
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(fn, fullgraph=True)
     assert sqnr_db(fn(problem.A, problem.B, problem.offs), compiled(problem.A, problem.B, problem.offs)) > 60
+
+
+def test_cuda_layout_and_gathers_equal_the_portable_version():
+    from mxfp8_compat.token_groups import _gather_rows, _gather_rows_torch, _token_group_layout, _token_group_layout_torch
+    from mxfp8_compat.token_groups import padded_rows_bound
+
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for trial in range(40):
+        groups = int(torch.randint(1, 300, (1,), generator=generator))
+        sizes = torch.randint(0, 400, (groups,), generator=generator)
+        sizes[torch.rand(groups, generator=generator) < 0.3] = 0
+        rows = int(sizes.sum()) + int(torch.randint(0, 300, (1,), generator=generator))
+        alignment = [1, 8, 32, 128][trial % 4]
+        offs = sizes.cumsum(0).int()
+        padded_rows = padded_rows_bound(rows, groups, alignment)
+        got = _token_group_layout(offs.cuda(), rows, padded_rows, alignment)
+        want = _token_group_layout_torch(offs, rows, padded_rows, alignment)
+        for g, w in zip(got, want):
+            assert torch.equal(g.cpu().long(), w.long()), (trial, sizes.tolist(), alignment)
+        x = torch.randn(rows, 160, dtype=torch.bfloat16)
+        assert torch.equal(_gather_rows(x.cuda(), got[1]).cpu(), _gather_rows_torch(x, want[1]))

@@ -222,3 +222,48 @@ def test_bf16_backward_takes_an_expanded_gradient(no_torchao):
     B = problem.B.detach().clone().requires_grad_(True)
     torch._grouped_mm(A, B, offs=problem.offs).backward(torch.ones(128, 32, dtype=torch.bfloat16))
     assert torch.equal(problem.A.grad, A.grad) and torch.equal(problem.B.grad, B.grad)
+
+
+# --- the Triton kernels compute what the portable version computes ---------------------------
+
+_INTERPRETED_KERNELS = r'''
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from mxfp8_compat import _token_group_kernels as kernels
+from mxfp8_compat.token_groups import _gather_rows_torch, _token_group_layout_torch, padded_rows_bound
+
+generator = torch.Generator().manual_seed(int(os.environ["SEED"]))
+for trial in range(24):
+    groups = int(torch.randint(1, 40, (1,), generator=generator))
+    sizes = torch.randint(0, 50, (groups,), generator=generator)
+    sizes[torch.rand(groups, generator=generator) < 0.3] = 0
+    rows = int(sizes.sum()) + int(torch.randint(0, 10, (1,), generator=generator))
+    alignment = [1, 8, 32, 128][trial % 4]
+    offs = sizes.cumsum(0).int()
+    padded_rows = padded_rows_bound(rows, groups, alignment)
+    triton_maps = kernels.token_group_layout(offs, rows, padded_rows, alignment)
+    torch_maps = _token_group_layout_torch(offs, rows, padded_rows, alignment)
+    for got, want in zip(triton_maps, torch_maps):
+        assert torch.equal(got.long(), want.long()), (sizes.tolist(), alignment, got, want)
+    x = torch.randn(rows, 37)
+    assert torch.equal(kernels.gather_rows(x, torch_maps[1]), _gather_rows_torch(x, torch_maps[1]))
+    zeroed = x.clone()
+    kernels.zero_rows_after(zeroed, offs)
+    end = int(offs[-1])
+    assert torch.equal(zeroed[:end], x[:end]) and torch.count_nonzero(zeroed[end:]) == 0
+print("kernels agree")
+'''
+
+
+def test_triton_kernels_agree_with_the_portable_version():
+    """The CUDA kernels, run by Triton's interpreter on the CPU, give bit for bit the torch ops' maps and rows."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    seed = str(torch.randint(0, 2**31, (1,)).item())
+    child = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNELS], capture_output=True, text=True,
+                           env=dict(os.environ, SEED=seed), timeout=600)
+    assert child.returncode == 0 and "kernels agree" in child.stdout, (seed, child.stderr[-2000:])

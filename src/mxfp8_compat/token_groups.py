@@ -83,26 +83,53 @@ def token_group_padding(offs: torch.Tensor, rows: int, alignment: int) -> TokenG
         rows: M, the number of rows the groups index into.
         alignment: the multiple each padded group size must have (>= 1).
 
-    Malformed ``offs`` (decreasing, negative, past ``rows``) cannot be detected without a
-    sync; the index maps are clamped so that such input never reads or writes out of bounds.
+    One small kernel on CUDA (the dozen tensor ops of the portable version cost ~0.5 ms of
+    launches there). Malformed ``offs`` (decreasing, negative, past ``rows``) cannot be
+    detected without a sync; the index maps are clamped so that such input never reads or
+    writes out of bounds.
     """
     if alignment < 1:
         raise ValueError(f"alignment: expected a positive integer, got {alignment}")
-    device = offs.device
-    groups = offs.shape[0]
-    padded_rows = padded_rows_bound(rows, groups, alignment)
+    padded_rows = padded_rows_bound(rows, offs.shape[0], alignment)
+    padded_offs, source_rows, padded_positions = _token_group_layout(offs, rows, padded_rows, alignment)
+    return TokenGroupPadding(alignment, rows, padded_rows, padded_offs, source_rows, padded_positions)
+
+
+@torch.library.custom_op("mxfp8_compat::token_group_layout", mutates_args=())
+def _token_group_layout(
+    offs: torch.Tensor, rows: int, padded_rows: int, alignment: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(padded_offs int32 (E,), source_rows int64 (padded_rows,), padded_positions int64 (rows,))."""
+    if offs.is_cuda and offs.shape[0] > 0:
+        launch = _triton_kernel("layout")
+        if launch is not None:
+            return launch(offs, rows, padded_rows, alignment)
+    return _token_group_layout_torch(offs, rows, padded_rows, alignment)
+
+
+@_token_group_layout.register_fake
+def _(offs, rows, padded_rows, alignment):  # type: ignore[no-untyped-def]
+    return (
+        offs.new_empty(offs.shape, dtype=torch.int32),
+        offs.new_empty((padded_rows,), dtype=torch.int64),
+        offs.new_empty((rows,), dtype=torch.int64),
+    )
+
+
+def _token_group_layout_torch(
+    offs: torch.Tensor, rows: int, padded_rows: int, alignment: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    device, groups = offs.device, offs.shape[0]
     if groups == 0:
-        return TokenGroupPadding(
-            alignment,
-            rows,
-            padded_rows,
+        return (
             offs.to(torch.int32),
             torch.full((padded_rows,), rows, dtype=torch.int64, device=device),
             torch.full((rows,), padded_rows, dtype=torch.int64, device=device),
         )
     ends = offs.to(torch.int64)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    sizes = ends - starts
+    previous = torch.cat([ends.new_zeros(1), ends[:-1]])
+    sizes = (ends - previous).clamp_(min=0)
+    starts = ends - sizes
     padded_sizes = (sizes + (alignment - 1)) // alignment * alignment
     padded_ends = torch.cumsum(padded_sizes, 0)
     padded_starts = padded_ends - padded_sizes
@@ -121,13 +148,27 @@ def token_group_padding(offs: torch.Tensor, rows: int, alignment: int) -> TokenG
     group_c = group.clamp(max=groups - 1)
     position = padded_starts[group_c] + (i - starts[group_c])
     padded_positions = torch.where(group < groups, position, padded_rows).clamp_(0, padded_rows)
-
-    return TokenGroupPadding(
-        alignment, rows, padded_rows, padded_ends.to(torch.int32), source_rows, padded_positions
-    )
+    return padded_ends.to(torch.int32), source_rows, padded_positions
 
 
-# --- the row gather ------------------------------------------------------------------------
+# --- kernels --------------------------------------------------------------------------------
+
+_TRITON_KERNELS: dict[str, object] = {}
+
+
+def _triton_kernel(name: str):  # type: ignore[no-untyped-def]
+    """The Triton launcher ``name`` from :mod:`._token_group_kernels`, or None without (working) triton.
+
+    Imported on first CUDA use only: importing mxfp8_compat never imports triton.
+    """
+    if name not in _TRITON_KERNELS:
+        try:
+            from . import _token_group_kernels
+
+            _TRITON_KERNELS[name] = getattr(_token_group_kernels, name)
+        except Exception:  # noqa: BLE001 - no (working) triton: the portable torch version serves
+            _TRITON_KERNELS[name] = None
+    return _TRITON_KERNELS[name]
 
 
 def _gather_rows_torch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -139,71 +180,17 @@ def _gather_rows_torch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_((index >= n).unsqueeze(-1), 0)
 
 
-_triton_gather = None  # the compiled kernel launcher, built on first CUDA use
-
-
-def _gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
-    """The same gather as one Triton kernel (one read of each kept row, one write): None without triton."""
-    global _triton_gather
-    if _triton_gather is None:
-        try:
-            _triton_gather = _build_triton_gather()
-        except Exception:  # noqa: BLE001 - no (working) triton: the torch version serves
-            _triton_gather = False
-    if _triton_gather is False:
-        return None
-    return _triton_gather(x, index)
-
-
-def _build_triton_gather():  # type: ignore[no-untyped-def]
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gather_rows_kernel(
-        x_ptr, index_ptr, out_ptr, n_src, n_out, n_cols, stride_xr, stride_xc,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        row_ok = rows < n_out
-        src = tl.load(index_ptr + rows, mask=row_ok, other=n_src)
-        keep = src < n_src
-        col_ok = cols < n_cols
-        values = tl.load(
-            x_ptr + src[:, None].to(tl.int64) * stride_xr + cols[None, :] * stride_xc,
-            mask=keep[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        out_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-        tl.store(out_ptr + out_offsets, values, mask=row_ok[:, None] & col_ok[None, :])
-
-    def launch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        n_out, n_cols = index.shape[0], x.shape[1]
-        out = x.new_empty((n_out, n_cols))
-        if n_out == 0 or n_cols == 0:
-            return out
-        block_c = min(256, triton.next_power_of_2(n_cols))
-        block_r = max(1, 4096 // block_c)
-        grid = (triton.cdiv(n_out, block_r), triton.cdiv(n_cols, block_c))
-        gather_rows_kernel[grid](
-            x, index, out, x.shape[0], n_out, n_cols, x.stride(0), x.stride(1),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
-        )
-        return out
-
-    return launch
-
-
 @torch.library.custom_op("mxfp8_compat::gather_rows", mutates_args=())
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``out[r] = x[index[r]]`` for a 2D ``x``; rows with ``index[r] >= x.shape[0]`` are zero."""
+    """``out[r] = x[index[r]]`` for a 2D ``x``; rows with ``index[r] >= x.shape[0]`` are zero.
+
+    On CUDA one Triton kernel reads each kept row once and writes each output row once (at
+    copy bandwidth); elsewhere ``index_select`` plus a masked fill.
+    """
     if x.is_cuda and x.dim() == 2:
-        out = _gather_rows_triton(x, index)
-        if out is not None:
-            return out
+        launch = _triton_kernel("gather_rows")
+        if launch is not None:
+            return launch(x, index)
     return _gather_rows_torch(x, index)
 
 
@@ -253,54 +240,18 @@ def unpad_token_groups(y: torch.Tensor, padding: TokenGroupPadding) -> torch.Ten
     return _GatherRows.apply(y, padding.padded_positions, padding.source_rows)
 
 
-# --- rows after the last group ---------------------------------------------------------------
-
-
-_triton_zero_tail = None
-
-
-def _build_triton_zero_tail():  # type: ignore[no-untyped-def]
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def zero_rows_after_kernel(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        end = tl.load(offs_ptr + last)
-        first_row = tl.program_id(0) * BLOCK_R
-        if first_row + BLOCK_R > end:  # blocks wholly before offs[-1] touch no memory
-            rows = first_row + tl.arange(0, BLOCK_R)
-            row_ok = (rows >= end) & (rows < n_rows)
-            for c in range(0, n_cols, BLOCK_C):
-                cols = c + tl.arange(0, BLOCK_C)
-                mask = row_ok[:, None] & (cols < n_cols)[None, :]
-                zeros = tl.zeros((BLOCK_R, BLOCK_C), dtype=x_ptr.dtype.element_ty)
-                tl.store(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :], zeros, mask=mask)
-
-    def launch(x: torch.Tensor, offs: torch.Tensor) -> None:
-        block_r, block_c = 16, 256
-        grid = (triton.cdiv(x.shape[0], block_r),)
-        zero_rows_after_kernel[grid](x, offs, offs.shape[0] - 1, x.shape[0], x.shape[1], x.stride(0), BLOCK_R=block_r, BLOCK_C=block_c)
-
-    return launch
-
-
 def zero_rows_after(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``x`` with its rows from ``offs[-1]`` on set to zero (no host sync on a GPU).
 
-    On CUDA with triton the rows are zeroed in place (only the tail is touched); elsewhere
-    a new tensor is returned. For a kernel's fresh gradient buffer, which nothing else holds.
+    On CUDA with triton the rows are zeroed in place (only the tail is touched: for a
+    kernel's fresh gradient buffer, which nothing else holds); elsewhere a new tensor.
     """
     if offs.shape[0] == 0:
         return torch.zeros_like(x)
-    global _triton_zero_tail
     if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and not torch.compiler.is_compiling():
-        if _triton_zero_tail is None:
-            try:
-                _triton_zero_tail = _build_triton_zero_tail()
-            except Exception:  # noqa: BLE001 - no (working) triton: the torch version serves
-                _triton_zero_tail = False
-        if _triton_zero_tail is not False:
-            _triton_zero_tail(x, offs)
+        launch = _triton_kernel("zero_rows_after")
+        if launch is not None:
+            launch(x, offs)
             return x
     rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
     return torch.where(rows < offs[-1].to(torch.int64), x, torch.zeros((), dtype=x.dtype, device=x.device))
