@@ -88,21 +88,23 @@ def bench_shape(E, M, K, N, device, rounds, alignment):
     out_padded = torch.randn(padding0.padded_rows, N, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad_padded_A = torch.randn(padding0.padded_rows, K, device=device, dtype=torch.bfloat16)
 
+    # torch.autograd.grad: no gradient accumulation kernels in any variant's time
     def gemm():
-        torch._grouped_mm(A, B, offs=offs).backward(grad)
+        torch.autograd.grad(torch._grouped_mm(A, B, offs=offs), (A, B), grad)
 
     def padded():
-        shim(A, B, offs).backward(grad)
+        torch.autograd.grad(shim(A, B, offs), (A, B), grad)
 
     def pad_only():
         padding = token_group_padding(offs, M, alignment)
-        torch.autograd.backward([pad_with(A, padding), unpad_token_groups(out_padded, padding)], [grad_padded_A, grad])
+        outputs = [pad_with(A, padding), unpad_token_groups(out_padded, padding)]
+        torch.autograd.grad(outputs, (A, out_padded), [grad_padded_A, grad])
 
     def gemm_aligned():
-        torch._grouped_mm(A_aligned, B, offs=offs_aligned).backward(grad_aligned)
+        torch.autograd.grad(torch._grouped_mm(A_aligned, B, offs=offs_aligned), (A_aligned, B), grad_aligned)
 
     def promised():
-        shim(A_aligned, B, offs_aligned, groups_aligned=True).backward(grad_aligned)
+        torch.autograd.grad(shim(A_aligned, B, offs_aligned, groups_aligned=True), (A_aligned, B), grad_aligned)
 
     variants = {"gemm": gemm, "padded": padded, "pad only": pad_only, "gemm aligned": gemm_aligned, "promised": promised}
     run = timer(device)
@@ -112,7 +114,6 @@ def bench_shape(E, M, K, N, device, rounds, alignment):
     times = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
-            A.grad = B.grad = A_aligned.grad = out_padded.grad = None
             times[name].append(run(fn, calls))
     med = {name: statistics.median(values) for name, values in times.items()}
     moved = 2 * 2 * (M * K + padding0.padded_rows * K + M * N + padding0.padded_rows * N)  # bf16, read + write, fwd + bwd

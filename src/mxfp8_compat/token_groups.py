@@ -91,20 +91,30 @@ def token_group_padding(offs: torch.Tensor, rows: int, alignment: int) -> TokenG
     if alignment < 1:
         raise ValueError(f"alignment: expected a positive integer, got {alignment}")
     padded_rows = padded_rows_bound(rows, offs.shape[0], alignment)
-    padded_offs, source_rows, padded_positions = _token_group_layout(offs, rows, padded_rows, alignment)
+    # The custom op is for torch.compile (opaque, with a fake); eagerly its dispatch would
+    # cost more than the kernel, so the implementation is called directly.
+    layout = _token_group_layout if torch.compiler.is_compiling() else _token_group_layout_impl
+    padded_offs, source_rows, padded_positions = layout(offs, rows, padded_rows, alignment)
     return TokenGroupPadding(alignment, rows, padded_rows, padded_offs, source_rows, padded_positions)
+
+
+def _token_group_layout_impl(
+    offs: torch.Tensor, rows: int, padded_rows: int, alignment: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(padded_offs int32 (E,), source_rows int64 (padded_rows,), padded_positions int64 (rows,))."""
+    if offs.is_cuda and offs.shape[0] > 0:
+        launch = _triton_kernel("token_group_layout")
+        if launch is not None:
+            return launch(offs, rows, padded_rows, alignment)
+    return _token_group_layout_torch(offs, rows, padded_rows, alignment)
 
 
 @torch.library.custom_op("mxfp8_compat::token_group_layout", mutates_args=())
 def _token_group_layout(
     offs: torch.Tensor, rows: int, padded_rows: int, alignment: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(padded_offs int32 (E,), source_rows int64 (padded_rows,), padded_positions int64 (rows,))."""
-    if offs.is_cuda and offs.shape[0] > 0:
-        launch = _triton_kernel("layout")
-        if launch is not None:
-            return launch(offs, rows, padded_rows, alignment)
-    return _token_group_layout_torch(offs, rows, padded_rows, alignment)
+    """:func:`_token_group_layout_impl` as an op ``torch.compile`` keeps opaque."""
+    return _token_group_layout_impl(offs, rows, padded_rows, alignment)
 
 
 @_token_group_layout.register_fake
@@ -180,8 +190,7 @@ def _gather_rows_torch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_((index >= n).unsqueeze(-1), 0)
 
 
-@torch.library.custom_op("mxfp8_compat::gather_rows", mutates_args=())
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _gather_rows_impl(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``out[r] = x[index[r]]`` for a 2D ``x``; rows with ``index[r] >= x.shape[0]`` are zero.
 
     On CUDA one Triton kernel reads each kept row once and writes each output row once (at
@@ -192,6 +201,12 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if launch is not None:
             return launch(x, index)
     return _gather_rows_torch(x, index)
+
+
+@torch.library.custom_op("mxfp8_compat::gather_rows", mutates_args=())
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """:func:`_gather_rows_impl` as an op ``torch.compile`` keeps opaque."""
+    return _gather_rows_impl(x, index)
 
 
 @_gather_rows.register_fake
@@ -205,12 +220,17 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(inverse)
-        return _gather_rows(x, index)
+        return _gather(x, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (inverse,) = ctx.saved_tensors
-        return _gather_rows(grad, inverse), None, None
+        return _gather(grad, inverse), None, None
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # The custom op for torch.compile; eagerly its dispatch would cost more than the kernel.
+    return _gather_rows(x, index) if torch.compiler.is_compiling() else _gather_rows_impl(x, index)
 
 
 def pad_token_groups(
