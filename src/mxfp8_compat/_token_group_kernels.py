@@ -12,7 +12,9 @@ import triton.language as tl
 __all__ = ["gather_rows", "token_group_layout", "zero_rows_after"]
 
 
-@triton.jit
+# Row counts change with every batch's routing: not specialising on them (divisibility by 16,
+# == 1) keeps one compiled variant per column width instead of several.
+@triton.jit(do_not_specialize=["n_src", "n_out"])
 def _gather_rows_kernel(
     x_ptr, index_ptr, out_ptr, n_src, n_out, n_cols, stride_xr, stride_xc,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -48,7 +50,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "padded_rows"])
 def _layout_kernel(
     offs_ptr, padded_offs_ptr, source_ptr, position_ptr, n_groups, rows, padded_rows,
     ALIGN: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -101,7 +103,7 @@ def token_group_layout(
     return padded_offs, source_rows, padded_positions
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _zero_rows_after_kernel(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     end = tl.load(offs_ptr + last)
     first_row = tl.program_id(0) * BLOCK_R
