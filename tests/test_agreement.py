@@ -123,12 +123,15 @@ def test_quantisation_is_identical_for_every_tensor(default_agreement, larger_ag
 
 
 def test_default_problem_gradients_bitwise_equal_or_summation_order(default_agreement):
-    """Measured: bitwise equal on every generation on this 2-core CPU (<= 1 ulp over 10 seeds).
+    """Bitwise equal, or a difference that summation order alone explains - on any CPU.
 
-    Kernel blocking is CPU dependent: on the H100 host's 16-core CPU, torchao 0.16 gave 2 ulp.
-    A difference must then be the explained summation-order one (torchao's GEMM order fed the
-    reference's quantised operands reproduces torchao bit for bit, and the difference stays
-    within the reordered-float32-sum bound), never a quantisation one.
+    Measured: bitwise equal on every generation on one 2-core AMD EPYC machine (<= 1 ulp over 10
+    seeds); kernel blocking is CPU dependent: on the H100 host's 16-core CPU torchao 0.16 gave
+    2 ulp, and on another x86 CPU grad_B of 0.16-0.18 was 2 ulp and 89.0 dB. So no ulp count
+    or SQNR floor is asserted; what must hold everywhere: torchao's GEMM order fed the
+    reference's quantised operands reproduces torchao bit for bit (the operands are identical),
+    and every element lies within the reordered-float32-sum bound (see
+    test_the_order_bound_rejects_more_than_reordering for why that check is sharp).
     """
     for run in default_agreement["runs"]:
         for name in ("grad_A", "grad_B"):
@@ -136,27 +139,49 @@ def test_default_problem_gradients_bitwise_equal_or_summation_order(default_agre
             if not cell["bitwise_equal"]:
                 assert cell["torchao_order_bitwise_equal"], cell
                 assert cell["order_bound_ratio"] <= 1.0, cell
-                assert cell["sqnr_db"] > 80.0, cell
                 assert "summation order" in cell["explanation"]
             else:
                 assert cell["explanation"] == "" and cell["sqnr_db"] == math.inf
 
 
 def test_gradient_differences_are_summation_order_only(larger_agreement):
-    """Any gradient difference stays within the reordered-float32-sum bound.
+    """Any gradient difference stays within the reordered-float32-sum bound, with identical operands.
 
-    Max ulp measured over 10 seeds of this problem: 0.13 grad_A 13696 (one output that nearly
-    cancels to zero), grad_B 1; 0.16-0.18 grad_A 16, grad_B 1 (MXFP8) / 152 (high precision);
-    the bound ratio never exceeded 0.99 and SQNR torchao-vs-reference never fell below 90 dB.
+    Max ulp measured over 10 seeds of this problem on one CPU: 0.13 grad_A 13696 (one output that
+    nearly cancels to zero), grad_B 1; 0.16-0.18 grad_A 16, grad_B 1 (MXFP8) / 152 (high
+    precision); the bound ratio never exceeded 0.99. Ulp counts and SQNR depend on the CPU's
+    kernels, so only the bound and the operand identity are asserted.
     """
     for run in larger_agreement["runs"]:
         for name in ("grad_A", "grad_B"):
             cell = run[name]
             if cell["bitwise_equal"]:
                 continue
+            assert cell["torchao_order_bitwise_equal"], cell
             assert cell["order_bound_ratio"] <= 1.0, cell
-            assert cell["sqnr_db"] > 80.0, cell
             assert "summation order" in cell["explanation"], cell
+
+
+def test_the_order_bound_rejects_more_than_reordering():
+    """The bound is tight enough to fail: a reordered float32 sum passes, a 3-ulp error does not.
+
+    Reordering L float32 additions moves each result by at most 2 * L * 2**-24 * sum|a_i b_i|
+    (twice the recursive-summation bound), plus one bf16 ulp from rounding each result once.
+    """
+    from mxfp8_compat.agreement import _order_bound
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 256, generator=generator).bfloat16().float()
+    b = torch.randn(256, 32, generator=generator).bfloat16().float()
+    forward = (a @ b).bfloat16()
+    reversed_order = (a.flip(1) @ b.flip(0)).bfloat16()  # the same sum, other order
+    abs_products = a.abs().double() @ b.abs().double()
+    assert _order_bound(forward, reversed_order, abs_products, 256) <= 1.0
+    three_ulp = forward.clone()
+    bits = three_ulp.view(torch.int16)
+    bits[0, 0] += 3
+    assert max_ulp_diff(forward, three_ulp) == 3
+    assert _order_bound(forward, three_ulp, abs_products, 256) > 1.0
 
 
 def test_mismatched_scale_rule_is_detected():

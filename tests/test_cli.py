@@ -53,3 +53,20 @@ def test_bad_device_is_a_usage_error(capsys):
         main(["--device", "nonsense"])
     assert info.value.code == 2
     assert "device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_mode_lines_keep_their_columns(no_torchao, colour):
+    """Every mode line's 'smoke' column starts at the same place, emulated labels and colours included."""
+    import re
+
+    from mxfp8_compat.cli import format_report
+    from mxfp8_compat.report import environment_report
+
+    report = environment_report("cpu")
+    report["modes"]["emulated"]["emulation"] = "reference"  # the longest label there is
+    text = re.sub(r"\033\[[0-9;]*m", "", format_report(report, colour=colour))
+    mode_lines = [line for line in text.splitlines() if " -> " in line]
+    assert len(mode_lines) == 4
+    assert len({line.index("smoke") for line in mode_lines}) == 1, "\n".join(mode_lines)
+    assert len({line.index("->") for line in mode_lines}) == 1

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import threading
 
 import pytest
+import torch
 
 import fakes
 from mxfp8_compat import MXFP8Unavailable, isolation, resolve, reset
@@ -50,3 +53,128 @@ def test_child_exit_status_is_a_reason(fake_torchao, verdict_cache):
     fake_torchao("0.16.0", fakes.import_raising("import os; os._exit(3)"))
     res = resolve("auto", device="cpu", isolate=True)
     assert any("exited with status 3" in r for r in res.reasons), res.reasons
+
+
+def _count_children(monkeypatch) -> list:
+    calls: list = []
+    real_run = subprocess.run
+
+    def counting_run(*args, **kwargs):
+        calls.append(args[0])
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", counting_run)
+    return calls
+
+
+def test_child_imports_what_the_parent_would_not_what_the_working_directory_holds(
+    fake_torchao, verdict_cache, tmp_path, monkeypatch
+):
+    """A healthy torchao in the working directory must not hide the aborting one this process would import."""
+    healthy = fakes.write_fake_torchao(tmp_path / "cwd", "0.18.0", fakes.GEN_018)
+    fake_torchao("0.18.0", fakes.import_raising("import os; os.abort()"))
+    monkeypatch.chdir(healthy)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    problem = isolation.isolated_problem("0.18.0", torch.device("cpu"))
+    assert problem is not None and "SIGABRT" in problem, problem
+
+
+def test_child_gets_the_parents_sys_path_without_pythonpath(fake_torchao, verdict_cache, monkeypatch):
+    """The fake is on sys.path only (not PYTHONPATH): the child still finds it, as the parent does."""
+    fake_torchao("0.16.0", fakes.import_raising("import os; os.abort()"))
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent")
+    assert "SIGABRT" in isolation.isolated_problem("0.16.0", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    ["timeout", "cannot start", "killed from outside", "error status", "no verdict printed"],
+)
+def test_transient_failures_are_reported_but_never_cached(fake_torchao, verdict_cache, monkeypatch, outcome):
+    fake_torchao("0.18.0", fakes.GEN_018)
+    calls = []
+
+    def failing_run(command, **kwargs):
+        calls.append(command)
+        if outcome == "timeout":
+            raise subprocess.TimeoutExpired(command, 600)
+        if outcome == "cannot start":
+            raise OSError(11, "Resource temporarily unavailable")
+        returncode, stdout = {"killed from outside": (-9, ""), "error status": (1, ""), "no verdict printed": (0, "")}[outcome]
+        return subprocess.CompletedProcess(command, returncode, stdout, "MemoryError")
+
+    monkeypatch.setattr(subprocess, "run", failing_run)
+    res = resolve("auto", device="cpu", isolate=True)
+    assert any("isolated torchao probe" in r for r in res.reasons), res.reasons
+    assert not list(verdict_cache.glob("*")), "a transient failure was cached"
+    reset()
+    resolve("auto", device="cpu", isolate=True)
+    assert len(calls) == 2, "the next resolver must try again"
+
+
+@pytest.mark.parametrize("content", ["null", "{", '{"problem": 5}', "[]", '{"problem": null}'])
+def test_a_corrupt_or_foreign_cache_file_is_ignored_and_rewritten(fake_torchao, verdict_cache, monkeypatch, content):
+    fake_torchao("0.16.0", fakes.import_raising("import os; os.abort()"))
+    assert "SIGABRT" in isolation.isolated_problem("0.16.0", torch.device("cpu"))
+    [path] = verdict_cache.glob("verdict-*.json")
+    path.write_text(content)  # '{"problem": null}': an old-format file without this key
+    calls = _count_children(monkeypatch)
+    assert "SIGABRT" in isolation.isolated_problem("0.16.0", torch.device("cpu"))
+    assert len(calls) == 1
+    assert json.loads(path.read_text())["problem"].startswith("importing torchao killed")
+
+
+def test_verdicts_are_written_atomically(fake_torchao, verdict_cache, monkeypatch):
+    fake_torchao("0.16.0", fakes.import_raising("import os; os.abort()"))
+    isolation.isolated_problem("0.16.0", torch.device("cpu"))
+    [path] = verdict_cache.glob("verdict-*.json")
+    before = path.read_text()
+    path.write_text("null")  # force a rewrite, which then fails at the rename
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(isolation.os, "replace", failing_replace)
+        assert "SIGABRT" in isolation.isolated_problem("0.16.0", torch.device("cpu"))
+    assert path.read_text() == "null", "the verdict file was written in place"
+    assert [p.name for p in verdict_cache.iterdir()] == [path.name], "a temporary file was left behind"
+    isolation.isolated_problem("0.16.0", torch.device("cpu"))
+    assert path.read_text() == before
+
+
+def test_verdict_follows_the_installation_not_only_its_version(fake_torchao, verdict_cache, monkeypatch):
+    """Reinstalling the same version (here: fixing the aborting build) is probed again."""
+    fake = fake_torchao("0.16.0", fakes.import_raising("import os; os.abort()"))
+    assert "SIGABRT" in isolation.isolated_problem("0.16.0", torch.device("cpu"))
+    fakes.write_fake_torchao(fake.root, "0.16.0", fakes.GEN_016)
+    (fake.root / "torchao-0.16.0.dist-info" / "RECORD").write_text("torchao/__init__.py,sha256=new,1\n")
+    assert isolation.isolated_problem("0.16.0", torch.device("cpu")) is None
+    assert len(list(verdict_cache.glob("verdict-*.json"))) == 2
+
+
+def test_verdict_follows_mxfp8_compats_version(fake_torchao, verdict_cache, monkeypatch):
+    import mxfp8_compat
+
+    fake_torchao("0.16.0", fakes.GEN_016)
+    key = isolation._verdict_key("0.16.0", torch.device("cpu"))
+    monkeypatch.setattr(mxfp8_compat, "__version__", "9.9.9")
+    assert isolation._verdict_key("0.16.0", torch.device("cpu")) != key
+
+
+def test_concurrent_isolated_resolves_start_one_child(fake_torchao, verdict_cache, monkeypatch):
+    fake_torchao("0.18.0", fakes.GEN_018)
+    calls = _count_children(monkeypatch)
+    barrier = threading.Barrier(2)
+    results = []
+
+    def worker(mode):
+        barrier.wait()
+        results.append(resolve(mode, device="cpu", isolate=True))
+
+    threads = [threading.Thread(target=worker, args=(mode,)) for mode in ("auto", "emulated")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and len(calls) == 1

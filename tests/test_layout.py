@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_problem
 from mxfp8_compat import prepare_weight, resolve, weight_relayout
@@ -38,21 +39,46 @@ def test_bad_arguments_name_themselves():
         prepare_weight([1, 2, 3])
 
 
+_COPYING_OPS = ("aten.clone", "aten._to_copy", "aten.copy_", "aten.contiguous")
+
+
+class _WeightOps(TorchDispatchMode):
+    """Records every op (below autograd: forward and backward) that reads the weight's storage."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.storage = weight.untyped_storage().data_ptr()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() == self.storage:
+                self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
 @pytest.mark.parametrize("mode", ["emulated", "off"])
 def test_prepared_weight_is_not_copied_and_gets_its_gradient(no_torchao, monkeypatch, mode):
-    """The MXFP8 callable relays a prepared weight out zero times; the gradient reaches it."""
+    """No op copies a prepared weight (forward or backward); the gradient reaches it."""
     from mxfp8_compat import backends
 
-    copies = []
+    relayouts = []
     real = backends.weight_relayout
-    monkeypatch.setattr(backends, "weight_relayout", lambda B: (copies.append(B), real(B))[1])
+    monkeypatch.setattr(backends, "weight_relayout", lambda B: (relayouts.append(B), real(B))[1])
     problem = make_problem(k=64, n=64)
     weight = prepare_weight(torch.nn.Parameter(problem.B.detach()))
     before = weight.detach().clone()
     storage = weight.untyped_storage().data_ptr()
-    out = resolve(mode, device="cpu")(problem.A, weight, problem.offs)
-    out.backward(problem.grad_out)
-    assert all(real(B) is B for B in copies)
+    fn = resolve(mode, device="cpu")
+    with _WeightOps(weight) as seen:
+        out = fn(problem.A, weight, problem.offs)
+        out.backward(problem.grad_out)
+    assert seen.ops, "the weight was never read: the spy sees nothing"
+    copies = [op for op in seen.ops if op.startswith(_COPYING_OPS)]
+    assert copies == [], f"{mode}: the prepared weight was copied by {copies}"
+    if mode == "emulated":
+        assert relayouts and all(real(B) is B for B in relayouts), "the MXFP8 path must relay out only by no-op"
     assert weight.untyped_storage().data_ptr() == storage and torch.equal(weight.detach(), before)
     assert weight.grad is not None and weight.grad.shape == weight.shape
     assert torch.isfinite(weight.grad).all()

@@ -123,3 +123,93 @@ def test_sixteen_threads_get_one_resolution_and_one_smoke_run(no_torchao, monkey
     assert len(results) == 16
     assert all(result is results[0] for result in results)
     assert len(calls) == 1
+
+
+def _count_smoke_runs(monkeypatch) -> list:
+    from mxfp8_compat import probes
+
+    calls: list = []
+    real_smoke = probes.smoke_run
+
+    def counting_smoke(*args, **kwargs):
+        calls.append(1)
+        return real_smoke(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "smoke_run", counting_smoke)
+    return calls
+
+
+def test_arguments_that_mean_the_same_share_one_resolution_and_one_smoke_run(no_torchao, monkeypatch):
+    calls = _count_smoke_runs(monkeypatch)
+    first = resolve("emulated", device="cpu")
+    for mode, device in (("EMULATED", "cpu"), (" Emulated ", torch.device("cpu")), ("emulated", torch.device("cpu"))):
+        assert resolve(mode, device=device) is first, (mode, device)
+    assert resolve("emulated", device="cpu", validate=0, wgrad_with_hp=1) is first
+    assert len(calls) == 1
+    monkeypatch.setenv("MXFP8_COMPAT_MODE", "Emulated")
+    mxfp8_compat.reset()
+    again = resolve(device="cpu")
+    assert resolve("emulated", device=torch.device("cpu"), isolate=False) is again
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("mode", [["emulated"], {"mode": "off"}, 3])
+def test_unhashable_or_non_string_mode_is_the_documented_value_error(mode):
+    with pytest.raises(ValueError, match="mode: expected one of auto, native, emulated, off"):
+        resolve(mode)  # type: ignore[arg-type]
+
+
+def test_unhashable_device_is_a_value_error():
+    with pytest.raises(ValueError, match="device"):
+        resolve("off", device=["cpu"])  # type: ignore[arg-type]
+
+
+def test_a_slow_resolve_does_not_block_another_key(no_torchao, monkeypatch):
+    """One key's probes may run for minutes (an isolated child); other keys must not wait."""
+    from mxfp8_compat import probes
+
+    started, release = threading.Event(), threading.Event()
+    real_smoke = probes.smoke_run
+
+    def slow_smoke(*args, **kwargs):
+        started.set()
+        release.wait(timeout=30)
+        return real_smoke(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "smoke_run", slow_smoke)
+    slow = threading.Thread(target=resolve, args=("emulated",), kwargs={"device": "cpu"})
+    slow.start()
+    try:
+        assert started.wait(timeout=30)
+        other: list[Resolution] = []
+        fast = threading.Thread(target=lambda: other.append(resolve("off", device="cpu")))
+        fast.start()
+        fast.join(timeout=10)
+        assert other and other[0].backend == "bf16", "resolve('off') waited for another key's probes"
+    finally:
+        release.set()
+        slow.join()
+    assert resolve("emulated", device="cpu").backend == "mxfp8-emulated"
+
+
+def test_a_resolve_in_flight_during_reset_does_not_fill_the_new_cache(no_torchao, monkeypatch):
+    from mxfp8_compat import probes
+
+    started, release = threading.Event(), threading.Event()
+    real_smoke = probes.smoke_run
+
+    def slow_smoke(*args, **kwargs):
+        started.set()
+        release.wait(timeout=30)
+        return real_smoke(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "smoke_run", slow_smoke)
+    old: list[Resolution] = []
+    slow = threading.Thread(target=lambda: old.append(resolve("emulated", device="cpu")))
+    slow.start()
+    assert started.wait(timeout=30)
+    mxfp8_compat.reset()
+    release.set()
+    slow.join()
+    monkeypatch.setattr(probes, "smoke_run", real_smoke)
+    assert old and resolve("emulated", device="cpu") is not old[0]

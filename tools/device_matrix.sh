@@ -3,7 +3,10 @@
 # run on the device tool's GPU machine, whose torch (2.11.0+cu130) is preinstalled and which
 # has no network. Carry .carry/ (pytest's wheels in .carry/whl, torchao's in .carry/ao):
 #
-#   device run: bash tools/device_matrix.sh      (carry: [".carry"])
+#   device run: MXFP8_COMPAT_COMMIT=<git rev-parse HEAD of the checkout> bash tools/device_matrix.sh      (carry: [".carry"])
+#
+# The copy of the tree on the GPU machine has no .git: MXFP8_COMPAT_COMMIT names the commit in
+# each record (else it says "unknown" and the rendered matrix marks it so).
 #
 # Everything lands in $OUT/gpu-matrix.tar.gz: results/<env>-<device>.json, and each env's log.
 set -u
@@ -14,7 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-t
 # The CPU-only, CPU-heavy files (hypothesis properties, inductor compiles, the training loop)
 # prove nothing more on this machine and would not fit the device tool's 10-minute call.
 cpu_only="--ignore=tests/test_properties.py --ignore=tests/test_compile.py --ignore=tests/test_training.py"
-runner="device tool: preinstalled torch $(python3 -c 'import torch; print(torch.__version__)'), carried torchao wheel, suite less its CPU-only property/compile/training files"
+runner="tools/device_matrix.sh on a GPU machine: preinstalled torch $(python3 -c 'import torch; print(torch.__version__)'), torchao wheel installed with pip --target, suite less its CPU-only property/compile/training files"
 
 run_env() {  # env name, wheel glob (empty: no torchao), expected generation
     local env=$1 wheel=$2 expect=$3 site=/tmp/site-$1

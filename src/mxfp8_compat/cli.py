@@ -29,6 +29,11 @@ def _sqnr(value: Optional[float]) -> str:
     return "inf" if math.isinf(value) else f"{value:.1f} dB"
 
 
+def _backend_label(entry: dict[str, Any]) -> str:
+    label = entry["backend"] or "unavailable"
+    return f"{label} ({entry['emulation']})" if entry["emulation"] else label
+
+
 def format_report(report: dict[str, Any], *, colour: bool = False) -> str:
     """The human-readable report."""
     capability = report["capability"]
@@ -44,12 +49,12 @@ def format_report(report: dict[str, Any], *, colour: bool = False) -> str:
     for reason in report["generation_reasons"]:
         lines.append(f"              {reason}")
     lines.append("")
+    labels = {mode: _backend_label(entry) for mode, entry in report["modes"].items()}
+    width = max(len(label) for label in labels.values()) if labels else 0
     for mode, entry in report["modes"].items():
-        backend = entry["backend"] or "unavailable"
-        if entry["emulation"]:
-            backend += f" ({entry['emulation']})"
-        shown = _paint(backend, "32" if entry["ok"] else "31", colour)
-        lines.append(f"{mode:<9} -> {shown:<24} smoke {_sqnr(entry['smoke_sqnr_db'])}")
+        # Pad the plain label, then colour it: escape codes must not count towards the width.
+        shown = _paint(labels[mode], "32" if entry["ok"] else "31", colour) + " " * (width - len(labels[mode]))
+        lines.append(f"{mode:<9} -> {shown}  smoke {_sqnr(entry['smoke_sqnr_db'])}")
         for reason in entry["reasons"]:
             lines.append(f"             - {reason}")
     lines.append("")

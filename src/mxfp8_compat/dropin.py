@@ -10,10 +10,17 @@ import torch
 from .backends import GroupedMM
 from .resolution import resolve
 
-__all__ = ["select_grouped_mm"]
+__all__ = ["select_grouped_mm", "forget_warning"]
 
 _warned = False
 _warn_lock = threading.Lock()
+
+
+def forget_warning() -> None:
+    """Let the next unavailable ``select_grouped_mm(True)`` warn again (``reset()`` calls this)."""
+    global _warned
+    with _warn_lock:
+        _warned = False
 
 
 def select_grouped_mm(use_mxfp8: bool) -> GroupedMM:

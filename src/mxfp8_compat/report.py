@@ -13,7 +13,7 @@ import torch
 
 from . import probes
 from .errors import MXFP8Unavailable
-from .resolution import MODES, Resolution, _normalise_device, resolve
+from .resolution import MODES, Resolution, normalise_device, resolve
 
 __all__ = ["environment_report", "verdict"]
 
@@ -47,7 +47,7 @@ def environment_report(device: Union[str, torch.device, None] = None, validate: 
     (row matched, or None), ``generation_reasons``, and ``modes`` mapping each mode to
     ``{ok, backend, generation, emulation, reasons, smoke_sqnr_db}``.
     """
-    resolved_device = _normalise_device(device)
+    resolved_device = normalise_device(device)
     modes = {mode: _mode_entry(mode, resolved_device, validate) for mode in MODES}
     torchao_version = probes.installed_torchao_version()
     match = probes.match_generation(torchao_version) if torchao_version and "torchao.prototype.moe_training" in sys.modules else None

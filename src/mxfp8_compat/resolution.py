@@ -25,7 +25,7 @@ from .generations import Generation
 from .isolation import ISOLATE_ENV_VAR, isolated_problem
 from .reference import DEFAULT_SCALE_MODE, grouped_mm_support
 
-__all__ = ["Mode", "Backend", "Resolution", "resolve", "reset", "MODE_ENV_VAR"]
+__all__ = ["Mode", "Backend", "Resolution", "resolve", "reset", "normalise_mode", "normalise_device", "MODE_ENV_VAR"]
 
 Mode = Literal["auto", "native", "emulated", "off"]
 Backend = Literal["mxfp8", "mxfp8-emulated", "bf16"]
@@ -80,19 +80,33 @@ class Resolution:
         return self.fn(A, B, offs, out_dtype=out_dtype, bias=bias, groups_aligned=groups_aligned)
 
 
+# Two kinds of keys map to the same Resolution: the arguments exactly as passed (the fast path:
+# one tuple and one dict lookup) and their normalised form (mode lower-cased, device a
+# torch.device, isolate resolved), so that "cpu" and torch.device("cpu"), or "EMULATED" and
+# "emulated", share one resolution and one set of probe runs.
 _cache: dict[tuple[object, ...], Resolution] = {}
-_lock = threading.Lock()
+# One lock per normalised key, so that resolves of different keys never wait for each other
+# (a probe can run for minutes in an isolated child) while concurrent resolves of the same
+# key run the probes once. ``_key_locks_guard`` only guards the dict of locks.
+_key_locks: dict[tuple[object, ...], threading.Lock] = {}
+_key_locks_guard = threading.Lock()
+# Bumped by reset(): a resolve that started before a reset does not store into the new cache.
+_epoch = 0
 
 
 def reset() -> None:
-    """Forget every cached Resolution and every once-only log (tests need a clean slate)."""
-    from .backends import _logged
+    """Forget every cached Resolution, every once-only log and warning (tests need a clean slate)."""
+    from .backends import clear_log_once
+    from .dropin import forget_warning
 
-    global _environment_snapshot
-    with _lock:
+    global _environment_snapshot, _epoch
+    with _key_locks_guard:
+        _epoch += 1
         _cache.clear()
-        _logged.clear()
+        _key_locks.clear()
         _environment_snapshot = None
+    clear_log_once()
+    forget_warning()
     probes.clear_caches()
 
 
@@ -107,9 +121,10 @@ def resolve(
     """Resolve the grouped GEMM for ``mode`` on ``device``; cached per argument set, thread-safe.
 
     Args:
-        mode: "auto", "native", "emulated" or "off"; None reads ``MXFP8_COMPAT_MODE``,
-            else "auto". Anything else raises ValueError. The environment variables are
-            read at the first resolve() of the process (and again after ``reset()``).
+        mode: "auto", "native", "emulated" or "off" (any case); None reads
+            ``MXFP8_COMPAT_MODE``, else "auto". Anything else raises ValueError. The
+            environment variables are read at the first resolve() of the process (and again
+            after ``reset()``).
         device: where the callable will run. Default: the current CUDA device when CUDA
             is available, else the CPU.
         validate: also check ``offs`` values (non-decreasing, ``offs[-1] == M``, group
@@ -122,29 +137,54 @@ def resolve(
             build mismatch can abort the interpreter); the verdict is cached on disk. None
             reads ``MXFP8_COMPAT_ISOLATE`` ("1" enables), likewise.
 
+    Arguments that mean the same (``"cpu"`` and ``torch.device("cpu")``, ``"EMULATED"`` and
+    ``"emulated"``) share one cached Resolution.
+
     Raises:
-        ValueError: unknown ``mode``.
+        ValueError: unknown ``mode`` or ``device``.
         MXFP8Unavailable: ``mode="native"`` (or ``"emulated"``) cannot run here.
     """
     key = (mode, device, validate, wgrad_with_hp, isolate)
     try:
         return _cache[key]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError):  # TypeError: an unhashable argument, rejected below
         pass
-    with _lock:
-        cached = _cache.get(key)
-        if cached is None:
-            environment = _environment()
-            if isolate is None:
-                isolate = environment[ISOLATE_ENV_VAR] == "1"
-            if mode is None:
-                mode = environment[MODE_ENV_VAR] or "auto"
-                source = MODE_ENV_VAR
-            else:
-                source = "mode"
-            cached = _resolve_uncached(_normalise_mode(mode, source), _normalise_device(device), validate, wgrad_with_hp, isolate)
-            _cache[key] = cached
-        return cached
+    return _resolve_slow(key, mode, device, validate, wgrad_with_hp, isolate)
+
+
+def _resolve_slow(
+    key: tuple[object, ...],
+    mode: Optional[str],
+    device: Union[str, torch.device, None],
+    validate: bool,
+    wgrad_with_hp: bool,
+    isolate: Optional[bool],
+) -> Resolution:
+    """Normalise the arguments, then resolve once per normalised key (one lock per key)."""
+    environment = _environment()
+    if mode is None:
+        mode, source = environment[MODE_ENV_VAR] or "auto", MODE_ENV_VAR
+    else:
+        source = "mode"
+    normal_mode = normalise_mode(mode, source)
+    normal_device = normalise_device(device)
+    normal_isolate = environment[ISOLATE_ENV_VAR] == "1" if isolate is None else bool(isolate)
+    normal_key = (normal_mode, normal_device, bool(validate), bool(wgrad_with_hp), normal_isolate)
+    with _key_locks_guard:
+        epoch = _epoch
+        lock = _key_locks.setdefault(normal_key, threading.Lock())
+    with lock:
+        resolution = _cache.get(normal_key)
+        if resolution is None:
+            resolution = _resolve_uncached(*normal_key)
+        with _key_locks_guard:
+            if epoch == _epoch:  # not reset() meanwhile
+                _cache[normal_key] = resolution
+                try:
+                    _cache[key] = resolution
+                except TypeError:  # an unhashable argument that still normalised (e.g. a list-like device)
+                    pass
+    return resolution
 
 
 _environment_snapshot: Optional[dict[str, str]] = None
@@ -162,13 +202,15 @@ def _environment() -> dict[str, str]:
     return _environment_snapshot
 
 
-def _normalise_mode(mode: object, source: str) -> Mode:
+def normalise_mode(mode: object, source: str = "mode") -> Mode:
+    """``mode`` lower-cased and stripped, or ValueError naming ``source``."""
     if not isinstance(mode, str) or mode.strip().lower() not in MODES:
         raise ValueError(f"{source}: expected one of {', '.join(MODES)}, got {mode!r}")
     return mode.strip().lower()  # type: ignore[return-value]
 
 
-def _normalise_device(device: Union[str, torch.device, None]) -> torch.device:
+def normalise_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``device`` as a torch.device with an explicit CUDA index; None: the current CUDA device, else the CPU."""
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
