@@ -10,6 +10,7 @@ Modes:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -53,6 +54,9 @@ class Resolution:
             pad nothing: 1 for bf16 and the reference, 32 for torchao's MXFP8 paths, 128
             for 0.18+'s native kernel. Any group sizes work; a dispatcher that pads to this
             while it permutes tokens anyway passes ``groups_aligned=True`` and saves a pass.
+        request: the normalised ``resolve()`` arguments that produced it. A Resolution
+            pickles as this request (functions and kernels do not pickle): unpickling, in a
+            spawned worker or by ``torch.load``, resolves again in the receiving process.
     """
 
     fn: GroupedMM = field(repr=False)
@@ -66,6 +70,13 @@ class Resolution:
     smoke_sqnr_db: Optional[float] = None
     emulation: Optional[str] = None
     group_alignment: int = 1
+    request: tuple[object, ...] = field(default=(), repr=False, compare=False)
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        if not self.request:
+            raise TypeError("this Resolution was not made by resolve(): nothing to re-resolve when unpickled")
+        mode, device, validate, wgrad_with_hp, isolate = self.request
+        return (_resolve_unpickled, (mode, str(device), validate, wgrad_with_hp, isolate))
 
     def __call__(
         self,
@@ -152,6 +163,14 @@ def resolve(
     return _resolve_slow(key, mode, device, validate, wgrad_with_hp, isolate)
 
 
+def _resolve_unpickled(mode: str, device: str, validate: bool, wgrad_with_hp: bool, isolate: bool) -> Resolution:
+    """Unpickling a Resolution: resolve the same request in this process."""
+    return resolve(mode, device=device, validate=validate, wgrad_with_hp=wgrad_with_hp, isolate=isolate)
+
+
+# torch.compile cannot trace the probes (locks, subprocesses, real kernel runs): a first
+# resolve() inside a compiled function runs eagerly, as a graph break; cached ones are a lookup.
+@torch.compiler.disable
 def _resolve_slow(
     key: tuple[object, ...],
     mode: Optional[str],
@@ -176,7 +195,7 @@ def _resolve_slow(
     with lock:
         resolution = _cache.get(normal_key)
         if resolution is None:
-            resolution = _resolve_uncached(*normal_key)
+            resolution = dataclasses.replace(_resolve_uncached(*normal_key), request=normal_key)
         with _key_locks_guard:
             if epoch == _epoch:  # not reset() meanwhile
                 _cache[normal_key] = resolution
@@ -263,11 +282,21 @@ def _probe_bf16(ctx: _Context) -> None:
     ctx.bf16_reasons = (problem,) if problem else ()
 
 
+_META_REASON = (
+    "device meta holds no data: no MXFP8 path can be probed or run there; the bf16 grouped GEMM "
+    "propagates shapes (resolve for the device the model will run on)"
+)
+
+
 def _resolve_uncached(mode: Mode, device: torch.device, validate: bool, wgrad_with_hp: bool, isolate: bool) -> Resolution:
     ctx = _Context(device=device, validate=validate, wgrad_with_hp=wgrad_with_hp, isolate=isolate)
     _probe_bf16(ctx)
     if mode == "off":
         return _bf16_resolution(ctx, mode, ())
+    if device.type == "meta":  # meta-device model init: shapes only
+        if mode != "auto":
+            raise MXFP8Unavailable(mode, (_META_REASON,))
+        return _bf16_resolution(ctx, mode, (_META_REASON,))
     _probe_torchao(ctx)
     if mode == "emulated":
         return _resolve_emulated(ctx)
