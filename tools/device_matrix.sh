@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU rows of the compatibility matrix: the tox envs' commands (pytest, then the record),
 # run on the device tool's GPU machine, whose torch (2.11.0+cu130) is preinstalled and which
-# has no network. Carry .carry/ (pytest's wheels in .carry/whl, torchao's in .carry/ao):
+# has no network (pytest and hypothesis are in its image). Carry the torchao wheels and torchao
+# main's source tarball in .carry/ao (`pip download --no-deps torchao==X -d .carry/ao`;
+# ../shared/torchao-main-36027d8.tar.gz):
 #
-#   device run: MXFP8_COMPAT_COMMIT=<git rev-parse HEAD of the checkout> bash tools/device_matrix.sh      (carry: [".carry"])
+#   device run: MXFP8_COMPAT_COMMIT=<git rev-parse HEAD of the checkout> bash tools/device_matrix.sh      (carry: [".carry/ao"])
 #
 # The copy of the tree on the GPU machine has no .git: MXFP8_COMPAT_COMMIT names the commit in
 # each record (else it says "unknown" and the rendered matrix marks it so).
@@ -13,7 +15,6 @@ set -u
 out=${OUT:-/tmp/out}
 work=/tmp/device-matrix
 rm -rf "$work" && mkdir -p "$work/results" "$work/logs"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-test .carry/whl/*.whl || exit 1
 # The CPU-only, CPU-heavy files (hypothesis properties, inductor compiles, the training loop)
 # prove nothing more on this machine and would not fit the device tool's 10-minute call.
 cpu_only="--ignore=tests/test_properties.py --ignore=tests/test_compile.py --ignore=tests/test_training.py"
@@ -22,10 +23,14 @@ runner="tools/device_matrix.sh on a GPU machine: preinstalled torch $(python3 -c
 run_env() {  # env name, wheel glob (empty: no torchao), expected generation
     local env=$1 wheel=$2 expect=$3 site=/tmp/site-$1
     rm -rf "$site" && mkdir -p "$site"
-    if [ -n "$wheel" ]; then
+    if [ "$wheel" = main ]; then  # torchao main: pure Python without its C++ extensions
+        mkdir -p /tmp/ao-main && tar -xzf .carry/ao/torchao-main-*.tar.gz -C /tmp/ao-main
+        USE_CPP=0 VERSION_SUFFIX=+git36027d8 python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+            --target "$site" /tmp/ao-main/torchao-main >/dev/null 2>&1 || { echo "$env: install failed"; return 1; }
+    elif [ -n "$wheel" ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .carry/ao/$wheel || return 1
     fi
-    export PYTHONPATH="$site:/tmp/site-test:$PWD/src"
+    export PYTHONPATH="$site:$PWD/src"
     MXFP8_COMPAT_EXPECT_GENERATION=$expect MXFP8_COMPAT_CACHE_DIR=/tmp/cache-$env \
         timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider $cpu_only --junitxml="$work/logs/$env.xml" >"$work/logs/$env.log" 2>&1
     echo "$env pytest exit $?: $(tail -n 1 "$work/logs/$env.log")"
@@ -41,6 +46,7 @@ run_env torchao015 "torchao-0.15.0*" 0.15 &
 run_env torchao016 "torchao-0.16.0*" 0.16 &
 run_env torchao017 "torchao-0.17.0*" 0.17 &
 run_env torchao018 "torchao-0.18.0*" 0.18 &
+run_env main main 0.18 &
 wait
 tar -czf "$out/gpu-matrix.tar.gz" -C "$work" results logs
 ls "$work/results"
