@@ -28,10 +28,7 @@ from mxfp8_compat import GENERATIONS, probes
 INSTALLED = probes.installed_torchao_version()
 EXPECT_GENERATION = os.environ.get("MXFP8_COMPAT_EXPECT_GENERATION")
 
-pytestmark = [
-    pytest.mark.torchao,
-    pytest.mark.skipif(INSTALLED is None, reason="no torchao installed in this environment"),
-]
+pytestmark = pytest.mark.torchao  # skipped where no torchao is installed (conftest)
 
 FAKES = {
     "0.18": fakes.GEN_018,
@@ -102,24 +99,28 @@ def _entries(files: dict[str, str], module_name: str) -> list[str]:
     return [name for name in _ENTRY_NAMES if re.search(rf"^\s*(def {name}\(|{name} = {_FUNCTION}\.apply)", source, re.M)]
 
 
-def test_fake_has_the_wheels_autograd_shape(fake_torchao):
+@pytest.fixture
+def wheel_shapes() -> tuple[str, str, list[str], dict[str, AutogradShape]]:
+    """The wheel's shapes, read before any fake is installed (re-importing torchao after the fake
+    fixture purged it would register its custom ops twice)."""
     key = _key()
     row = next(row for row in GENERATIONS if row.key == key)
     module_name = row.entry_points[0][0]
     entries = _entries(FAKES[key], module_name)
     assert row.entry_points[0][1] in entries, f"the fake of {key} lacks the entry its row binds"
-
     wheel_module = importlib.import_module(module_name)
-    wheel = {name: autograd_shape(wheel_module, name) for name in entries}
+    assert probes.installed_torchao_version() == INSTALLED
+    return key, module_name, entries, {name: autograd_shape(wheel_module, name) for name in entries}
+
+
+def test_fake_has_the_wheels_autograd_shape(wheel_shapes, fake_torchao):
+    key, module_name, entries, wheel = wheel_shapes
     for name, shape in wheel.items():  # what autograd needs of the wheel itself
         if shape.apply_arguments is not None:
             assert shape.apply_arguments <= shape.forward_inputs, (name, shape)
             assert shape.apply_arguments <= shape.backward_gradients, (name, shape)
-
-    fakes.purge_torchao_modules()
     fake_torchao(INSTALLED, FAKES[key])
     fake_module = importlib.import_module(module_name)
-    assert fake_module.__file__ != wheel_module.__file__
+    assert "site-packages" not in (fake_module.__file__ or ""), fake_module.__file__
     fake = {name: autograd_shape(fake_module, name) for name in entries}
     assert fake == wheel
-
