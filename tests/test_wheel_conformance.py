@@ -191,6 +191,7 @@ def test_unaligned_groups_run_natively(native):
 def test_013_native_is_unavailable(key, monkeypatch):
     if key != "0.13":
         pytest.skip("only 0.13 lacks a native path")
+    assert probes.import_problem() is None  # import torchao before CUDA is faked (its import would probe the driver)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(probes, "device_capability", lambda device: (10, 0))
     with pytest.raises(MXFP8Unavailable, match="always emulated"):

@@ -12,8 +12,9 @@ A normalizer is ``bind(entry, kernel, wgrad_with_hp) -> call`` where ``kernel`` 
 ``"native"`` or ``"emulated"`` and ``call(A, B_t, offs, out_dtype)`` follows the uniform
 contract. Normalizers pass arguments by keyword and never fill a slot whose meaning changed
 between releases (the 4th parameter is ``block_size`` up to 0.17, ``bias`` from 0.18). Every
-row's entry is the call torchao itself makes; ``tests/test_wheel_conformance.py`` runs each
-row's native call through the real wheel's autograd code (forward and backward) in its tox env.
+row's entry is one torchao's own code calls; in each release's tox env,
+``tests/test_wheel_conformance.py`` runs the row's native call (0.14+) through that wheel's
+autograd code, forward and backward, with only the sm_100 kernels replaced.
 """
 
 from __future__ import annotations
