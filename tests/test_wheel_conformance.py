@@ -163,13 +163,19 @@ def test_native_forward_backward_matches_the_reference(key, monkeypatch, shape, 
     assert sqnr_db(hp_out, out) >= 27 and sqnr_db(hp_dA, dA) >= 25 and sqnr_db(hp_dB, dB) >= 24
 
 
-def test_expanded_gradient_and_float32_inputs(native, key):
-    """out.sum().backward() hands torchao a stride-0 gradient; float32 A and B come back with float32 grads."""
+@pytest.mark.parametrize(
+    "dtype, out_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+    ids=["bf16-out-bf16", "bf16-out-fp32", "fp32-out-fp32"],
+)
+def test_expanded_gradient_and_float32(native, dtype, out_dtype):
+    """out.sum().backward() hands back a stride-0 gradient (torchao's quantisers need a contiguous one);
+    float32 A and B come back with float32 gradients."""
     rows, k, n = ALIGNED["E4-K256-N128"]
-    problem = make_problem(group_rows=rows, k=k, n=n, dtype=torch.float32)
-    out, dA, dB = _run(native, problem, torch.float32, grad="sum")
-    assert out.dtype == torch.float32 and dA.dtype == torch.float32 and dB.dtype == torch.float32
-    ref_out, ref_dA, ref_dB = _reference(native, problem, torch.float32, True, grad="sum")
+    problem = make_problem(group_rows=rows, k=k, n=n, dtype=dtype)
+    out, dA, dB = _run(native, problem, out_dtype, grad="sum")
+    assert out.dtype == out_dtype and dA.dtype == dtype and dB.dtype == dtype
+    ref_out, ref_dA, ref_dB = _reference(native, problem, out_dtype, True, grad="sum")
     _assert_output_near_bitwise(native, problem, ref_out, out)
     _assert_gradient_close("dA", ref_dA, dA)
     _assert_gradient_close("dB", ref_dB, dB)
