@@ -5,6 +5,11 @@ every generation on any torch (so the adapter logic is exercised in every env) a
 failure shapes no release produces on demand. Each fake is a real package with a
 ``.dist-info`` so that ``importlib.metadata`` reports its version exactly as for a wheel.
 Fake kernels compute with mxfp8_compat's reference (``FAKE_MODE`` switches to garbage).
+
+A fake of a real generation has that wheel's call and autograd shape (entry parameters, arguments
+passed to ``_MXFP8GroupedMM.apply``, forward inputs, backward gradients): in each tox env,
+``test_fakes_match_wheels.py`` compares the fake of the installed release with the wheel, and
+``test_wheel_conformance.py`` runs the wheel's own native code, so no wiring rests on a fake alone.
 """
 
 from __future__ import annotations
@@ -67,6 +72,32 @@ _ENUMS = {
     """,
 }
 
+# Each generation's fake has the real wheel's autograd shape: an entry with the real parameters that
+# calls `_MXFP8GroupedMM.apply` with as many arguments as the real entry passes, whose `forward` takes as
+# many inputs as the real one and whose `backward` returns as many gradients as the real one
+# (tests/test_fakes_match_wheels.py compares both with the installed wheel). The kernel inside is the
+# shared fake: mxfp8_compat's reference, or an SM100 assertion for the native path.
+_FUNCTION = """
+    class _MXFP8GroupedMM(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, {forward_params}):
+            with torch.enable_grad():
+                ctx.A, ctx.B_t = A.detach().requires_grad_(), B_t.detach().requires_grad_()
+                ctx.out = {kernel_call}
+            return ctx.out.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            gA, gB = torch.autograd.grad(ctx.out, (ctx.A, ctx.B_t), grad)
+            return {gradients}
+"""
+
+
+def _function(forward_params: str, kernel_call: str, n_gradients: int) -> str:
+    gradients = ", ".join(["gA", "gB"] + ["None"] * (n_gradients - 2))
+    return _FUNCTION.format(forward_params=forward_params, kernel_call=kernel_call, gradients=gradients)
+
+
 _KERNEL_PREFERENCE_HEADER = """
     import torch
     from torchao._fake_impl import record, emulate, native
@@ -78,7 +109,10 @@ _KERNEL_PREFERENCE_HEADER = """
         kernel = emulate if kernel_preference == KernelPreference.EMULATED else native
         return kernel(A, B_t, offs, out_dtype, scale_calculation_mode.value, wgrad_with_hp)
 """
+_KP_KERNEL = "_run(ctx.A, ctx.B_t, offs, out_dtype, kernel_preference, wgrad_with_hp, scale_calculation_mode)"
 
+# 0.18: apply(A, B_t, offs, out_dtype, kernel_preference, wgrad_with_hp, scale_calculation_mode,
+# pad_token_groups_for_grouped_mm): 8 inputs, 8 gradients; `bias` is added outside the Function.
 GEN_018 = {
     "torchao/prototype/moe_training/__init__.py": "from torchao.prototype.moe_training.mxfp8_grouped_mm import _to_mxfp8_then_scaled_grouped_mm\n",
     "torchao/prototype/moe_training/mxfp8_grouped_mm.py": _KERNEL_PREFERENCE_HEADER + """
@@ -87,22 +121,36 @@ GEN_018 = {
             scale_calculation_mode=ScaleCalculationMode.RCEIL, pad_token_groups_for_grouped_mm=False):
         record(generation="0.18", bias=bias, kernel_preference=kernel_preference, wgrad_with_hp=wgrad_with_hp)
         assert bias is None, "fake torchao 0.18: the shim must never fill the bias slot"
-        return _run(A, B_t, offs, out_dtype, kernel_preference, wgrad_with_hp, scale_calculation_mode)
-    """,
+        return _MXFP8GroupedMM.apply(A, B_t, offs, out_dtype, kernel_preference, wgrad_with_hp,
+            scale_calculation_mode, pad_token_groups_for_grouped_mm)
+    """ + _function(
+        "A, B_t, offs=None, out_dtype=torch.bfloat16, kernel_preference=KernelPreference.AUTO, wgrad_with_hp=False, "
+        "scale_calculation_mode=ScaleCalculationMode.RCEIL, pad_token_groups_for_grouped_mm=False",
+        _KP_KERNEL,
+        8,
+    ),
 }
 
+# 0.17: 9 inputs (block_size 4th, ignored), 9 gradients.
 GEN_017 = {
     "torchao/prototype/moe_training/__init__.py": "from torchao.prototype.moe_training.mxfp8_grouped_mm import _to_mxfp8_then_scaled_grouped_mm\n",
     "torchao/prototype/moe_training/mxfp8_grouped_mm.py": _KERNEL_PREFERENCE_HEADER + """
-    def _to_mxfp8_then_scaled_grouped_mm(A, B_t, offs=None, block_size=32, out_dtype=torch.bfloat16,
+    def _to_mxfp8_then_scaled_grouped_mm(A, B_t, offs=None, block_size=None, out_dtype=torch.bfloat16,
             kernel_preference=KernelPreference.AUTO, wgrad_with_hp=False,
             scale_calculation_mode=ScaleCalculationMode.RCEIL, pad_token_groups_for_grouped_mm=False):
         record(generation="0.17", block_size=block_size, kernel_preference=kernel_preference, wgrad_with_hp=wgrad_with_hp)
-        assert block_size == 32
-        return _run(A, B_t, offs, out_dtype, kernel_preference, wgrad_with_hp, scale_calculation_mode)
-    """,
+        block_size = 32
+        return _MXFP8GroupedMM.apply(A, B_t, offs, block_size, out_dtype, kernel_preference, wgrad_with_hp,
+            scale_calculation_mode, pad_token_groups_for_grouped_mm)
+    """ + _function(
+        "A, B_t, offs=None, block_size=32, out_dtype=torch.bfloat16, kernel_preference=KernelPreference.AUTO, "
+        "wgrad_with_hp=False, scale_calculation_mode=ScaleCalculationMode.RCEIL, pad_token_groups_for_grouped_mm=False",
+        _KP_KERNEL,
+        9,
+    ),
 }
 
+# 0.16: 8 inputs, 8 gradients.
 GEN_016 = {
     "torchao/prototype/moe_training/__init__.py": "from torchao.prototype.moe_training.scaled_grouped_mm import _to_mxfp8_then_scaled_grouped_mm\n",
     "torchao/prototype/moe_training/scaled_grouped_mm.py": _KERNEL_PREFERENCE_HEADER + """
@@ -111,72 +159,68 @@ GEN_016 = {
             scale_calculation_mode=ScaleCalculationMode.RCEIL):
         record(generation="0.16", block_size=block_size, kernel_preference=kernel_preference, wgrad_with_hp=wgrad_with_hp)
         assert block_size == 32
-        return _run(A, B_t, offs, out_dtype, kernel_preference, wgrad_with_hp, scale_calculation_mode)
-    """,
-}
-
-_APPLY_015 = """
-    import torch
-    from torchao._fake_impl import record, native
-    from torchao.prototype.mx_formats.config import ScaleCalculationMode
-
-    class _MXFP8GroupedMM(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, {params}):
-            record(generation="0.15", positional=({names}))
-            # 0.15's forward ignores `emulated`: always the sm_100 path.
-            with torch.enable_grad():
-                ctx.A, ctx.B_t = A.detach().requires_grad_(), B_t.detach().requires_grad_()
-                ctx.out = native(ctx.A, ctx.B_t, offs, out_dtype, scale_calculation_mode.value)
-            return ctx.out.detach()
-
-        @staticmethod
-        def backward(ctx, grad):
-            gA, gB = torch.autograd.grad(ctx.out, (ctx.A, ctx.B_t), grad)
-            return (gA, gB) + (None,) * {n_rest}
-
-    _to_mxfp8_then_scaled_grouped_mm = _MXFP8GroupedMM.apply
-"""
-
-_015_PARAMS = ("A, B_t, offs=None, block_size=32, out_dtype=torch.bfloat16, emulated=False, "
-               "use_triton_for_dim0_cast=False, scale_calculation_mode=ScaleCalculationMode.RCEIL")
-_015_NAMES = "A.shape, B_t.shape, offs.shape, block_size, out_dtype, emulated, use_triton_for_dim0_cast, scale_calculation_mode"
-
-GEN_015 = {
-    "torchao/prototype/moe_training/__init__.py": "from torchao.prototype.moe_training.scaled_grouped_mm import _to_mxfp8_then_scaled_grouped_mm\n",
-    "torchao/prototype/moe_training/scaled_grouped_mm.py": _APPLY_015.format(params=_015_PARAMS, names=_015_NAMES, n_rest=6),
-}
-
-# Failure shape: the 4th positional slot reused (bias where block_size was), as 0.18 did to
-# the keyword entry; a positional normalizer would silently pass 32 as a bias.
-GEN_015_SLOT_REUSED = {
-    "torchao/prototype/moe_training/__init__.py": GEN_015["torchao/prototype/moe_training/__init__.py"],
-    "torchao/prototype/moe_training/scaled_grouped_mm.py": _APPLY_015.format(
-        params=_015_PARAMS.replace("block_size=32", "bias=None"),
-        names=_015_NAMES.replace("block_size", "bias"),
-        n_rest=6,
+        return _MXFP8GroupedMM.apply(A, B_t, offs, block_size, out_dtype, kernel_preference, wgrad_with_hp,
+            scale_calculation_mode)
+    """ + _function(
+        "A, B_t, offs=None, block_size=32, out_dtype=torch.bfloat16, kernel_preference=KernelPreference.AUTO, "
+        "wgrad_with_hp=False, scale_calculation_mode=ScaleCalculationMode.RCEIL",
+        _KP_KERNEL,
+        8,
     ),
 }
 
-_SCALED_GROUPED_MM = """
+# 0.13-0.15: `scaling_type` dispatchers that pass 5 arguments (A, B_t, offs, block_size, out_dtype) to
+# `_MXFP8GroupedMM.apply`. Their Functions differ: 0.13/0.14 forward takes 6 inputs (`emulated`
+# last) and backward returns 5 gradients; 0.15's forward takes 8 and backward returns 6, so 0.15's
+# `_to_mxfp8_then_scaled_grouped_mm = _MXFP8GroupedMM.apply` alias fails in backward when all 8 are given.
+_SCALING_TYPE_DISPATCH = """
     import torch
     from torchao._fake_impl import record, emulate, native
     from torchao.prototype.moe_training.conversion_utils import MoEScalingType
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
 
-    def _scaled_grouped_mm(A, B_t, offs=None, out_dtype=torch.bfloat16, scaling_type=MoEScalingType.FP8_ROWWISE):
+    def {entry}(A, B_t, offs=None, out_dtype=torch.bfloat16, scaling_type=MoEScalingType.FP8_ROWWISE):
         record(generation={generation!r}, scaling_type=scaling_type)
         assert scaling_type == MoEScalingType.MXFP8, "fake: only the MXFP8 recipe is modelled"
-        return {kernel}(A, B_t, offs, out_dtype, "floor")
+        block_size = 32
+        return _MXFP8GroupedMM.apply(A, B_t, offs, block_size, out_dtype)
 """
+
+GEN_015 = {
+    "torchao/prototype/moe_training/__init__.py": (
+        "from torchao.prototype.moe_training.scaled_grouped_mm import (\n"
+        "    _quantize_then_scaled_grouped_mm, _to_mxfp8_then_scaled_grouped_mm)\n"
+    ),
+    "torchao/prototype/moe_training/scaled_grouped_mm.py": _SCALING_TYPE_DISPATCH.format(entry="_quantize_then_scaled_grouped_mm", generation="0.15")
+    + _function(
+        "A, B_t, offs=None, block_size=32, out_dtype=torch.bfloat16, emulated=False, use_triton_for_dim0_cast=False, "
+        "scale_calculation_mode=ScaleCalculationMode.RCEIL",
+        "native(ctx.A, ctx.B_t, offs, out_dtype, scale_calculation_mode.value)",  # forward ignores `emulated`
+        6,
+    )
+    + """
+    _to_mxfp8_then_scaled_grouped_mm = _MXFP8GroupedMM.apply
+    """,
+}
 
 GEN_014 = {
     "torchao/prototype/moe_training/__init__.py": "from torchao.prototype.moe_training.scaled_grouped_mm import _scaled_grouped_mm\n",
-    "torchao/prototype/moe_training/scaled_grouped_mm.py": _SCALED_GROUPED_MM.format(generation="0.14", kernel="native"),
+    "torchao/prototype/moe_training/scaled_grouped_mm.py": _SCALING_TYPE_DISPATCH.format(entry="_scaled_grouped_mm", generation="0.14")
+    + _function(
+        "A, B_t, offs=None, block_size=32, out_dtype=torch.bfloat16, emulated=False",
+        'native(ctx.A, ctx.B_t, offs, out_dtype, "floor")',  # forward ignores `emulated`
+        5,
+    ),
 }
 
 GEN_013 = {
     "torchao/prototype/moe_training/__init__.py": "from torchao.prototype.moe_training.scaled_grouped_mm import _scaled_grouped_mm\n",
-    "torchao/prototype/moe_training/scaled_grouped_mm.py": _SCALED_GROUPED_MM.format(generation="0.13", kernel="emulate"),
+    "torchao/prototype/moe_training/scaled_grouped_mm.py": _SCALING_TYPE_DISPATCH.format(entry="_scaled_grouped_mm", generation="0.13")
+    + _function(
+        "A, B_t, offs=None, block_size=32, out_dtype=torch.bfloat16, emulated=True",
+        'emulate(ctx.A, ctx.B_t, offs, out_dtype, "floor")',  # forward asserts `emulated`: always emulated
+        5,
+    ),
 }
 
 GEN_012 = {

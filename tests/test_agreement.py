@@ -100,6 +100,7 @@ def larger_agreement() -> dict:
     return result
 
 
+@pytest.mark.torchao
 def test_runs_cover_the_generation_and_its_scale_rule(default_agreement):
     generation = default_agreement["generation"]
     assert default_agreement["scale_mode"] == ("floor" if generation == "0.13" else "rceil")
@@ -107,6 +108,7 @@ def test_runs_cover_the_generation_and_its_scale_rule(default_agreement):
     assert hp == ([False] if generation == "0.13" else [False, True])
 
 
+@pytest.mark.torchao
 def test_output_is_bitwise_equal(default_agreement, larger_agreement):
     for result in (default_agreement, larger_agreement):
         for run in result["runs"]:
@@ -114,6 +116,7 @@ def test_output_is_bitwise_equal(default_agreement, larger_agreement):
             assert run["output"]["max_ulp"] == 0
 
 
+@pytest.mark.torchao
 def test_quantisation_is_identical_for_every_tensor(default_agreement, larger_agreement):
     """The reference's quantisers + torchao's own GEMM calls reproduce torchao bit for bit."""
     for result in (default_agreement, larger_agreement):
@@ -122,6 +125,7 @@ def test_quantisation_is_identical_for_every_tensor(default_agreement, larger_ag
                 assert run[name]["torchao_order_bitwise_equal"], (run["wgrad_with_hp"], name, run[name])
 
 
+@pytest.mark.torchao
 def test_default_problem_gradients_bitwise_equal_or_summation_order(default_agreement):
     """Bitwise equal, or a difference that summation order alone explains - on any CPU.
 
@@ -144,6 +148,7 @@ def test_default_problem_gradients_bitwise_equal_or_summation_order(default_agre
                 assert cell["explanation"] == "" and cell["sqnr_db"] == math.inf
 
 
+@pytest.mark.torchao
 def test_gradient_differences_are_summation_order_only(larger_agreement):
     """Any gradient difference stays within the reordered-float32-sum bound, with identical operands.
 

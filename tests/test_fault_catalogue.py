@@ -43,7 +43,7 @@ CATALOGUE: dict[str, tuple] = {
     "older than any row": ("0.12.0", fakes.GEN_012, None, "cpu", "older than the oldest supported generation"),
     "entry missing": ("0.18.0", {"torchao/prototype/moe_training/__init__.py": "", "torchao/prototype/moe_training/mxfp8_grouped_mm.py": "x = 1\n"}, None, "cpu", "_to_mxfp8_then_scaled_grouped_mm is missing"),
     "parameter renamed": ("0.17.0", {k: v.replace("kernel_preference", "kernel_pref") for k, v in fakes.GEN_017.items()}, _native_probes_pass, "cpu", "['kernel_preference'] are missing"),
-    "positional slot reused": ("0.15.0", fakes.GEN_015_SLOT_REUSED, _native_probes_pass, "cpu", "positional parameters"),
+    "dispatcher parameter renamed": ("0.15.0", {k: v.replace("scaling_type", "recipe") for k, v in fakes.GEN_015.items()}, _native_probes_pass, "cpu", "['scaling_type'] are missing"),
     "SM100 kernels not available": ("0.18.0", fakes.GEN_018, _native_probes_pass, "cpu", "AssertionError: SM100 kernels not available"),
     "0 active drivers at first call": ("0.15.0", {**fakes.GEN_015, **_with_impl('raise RuntimeError("0 active drivers ([]). There should only be one.")')}, _native_probes_pass, "cpu", "0 active drivers"),
     "smoke run returns NaN": ("0.18.0", {**fakes.GEN_018, **_with_impl("return emulate(A, B_t, offs, out_dtype, scale_mode, wgrad_with_hp) * float('nan')")}, _native_probes_pass, "cpu", "non-finite"),

@@ -6,14 +6,17 @@ torchao for one test.
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import pytest
 import torch
+from packaging.specifiers import SpecifierSet
 
 import fakes
 from conftest import float64_reference, make_problem, run_with_grads
-from mxfp8_compat import GENERATIONS, MXFP8Unavailable, probes, resolve, sqnr_db
+from mxfp8_compat import GENERATIONS, MXFP8Unavailable, ScaleMode, probes, resolve, sqnr_db
+from mxfp8_compat.generations import Generation, bind_scaling_type
 
 SHAPES = {
     "0.18.0": ("0.18", fakes.GEN_018, "torchao"),
@@ -91,11 +94,8 @@ def test_native_wiring_calls_each_entry_correctly(fake_torchao, monkeypatch, ver
         assert all(call["wgrad_with_hp"] is True for call in calls)
     if key == "0.18":
         assert all(call["bias"] is None for call in calls)
-    if key == "0.15":  # positional: block_size slot got 32, emulated False, RCEIL
-        slots = calls[0]["positional"]
-        assert slots[3] == 32 and slots[5] is False and slots[7].name == "RCEIL"
-    if key == "0.14":
-        assert calls[0]["scaling_type"].name == "MXFP8"
+    if key in ("0.14", "0.15"):
+        assert all(call["scaling_type"].name == "MXFP8" for call in calls)
 
 
 def test_newer_than_table_is_matched_by_fingerprint_with_a_reason(fake_torchao):
@@ -165,12 +165,43 @@ def test_renamed_parameter_is_rejected(fake_torchao):
     assert fake.impl.CALLS == []
 
 
-def test_reused_positional_slot_is_rejected(fake_torchao, monkeypatch):
-    fake = fake_torchao("0.15.0", fakes.GEN_015_SLOT_REUSED)
-    _pretend_native_device(monkeypatch, fake)
-    with pytest.raises(MXFP8Unavailable, match="positional parameters"):
-        resolve("native", device="cpu")
-    assert fake.impl.CALLS == [], "a slot whose meaning changed must never be filled"
+def test_the_015_apply_alias_fails_in_backward_with_all_its_arguments(fake_torchao):
+    """Why the 0.15 row calls `_quantize_then_scaled_grouped_mm`: the `.apply` alias takes 8 inputs but
+    its backward returns 6 gradients (the fake models the wheel; test_fakes_match_wheels checks that)."""
+    fake = fake_torchao("0.15.0", fakes.GEN_015)
+    fake.impl.NATIVE_WORKS = True
+    module = importlib.import_module("torchao.prototype.moe_training.scaled_grouped_mm")
+    rceil = importlib.import_module("torchao.prototype.mx_formats.config").ScaleCalculationMode.RCEIL
+    problem = make_problem(group_rows=(32, 32), k=64, n=64)
+    B_t = problem.B.detach().transpose(-2, -1).contiguous().transpose(-2, -1).requires_grad_(True)
+    out = module._to_mxfp8_then_scaled_grouped_mm(problem.A, B_t, problem.offs, 32, torch.bfloat16, False, False, rceil)
+    with pytest.raises(RuntimeError, match=r"incorrect number of gradients \(expected 8, got 6\)"):
+        out.sum().backward()
+
+
+def test_positional_only_row_rejects_a_reused_slot(fake_torchao):
+    """The positional-only fingerprint (written for 0.15's alias, which no row binds now) pins every slot."""
+    row = Generation(
+        key="0.15-apply",
+        versions=SpecifierSet(">=0.15.0.dev0,<0.16.0.dev0", prereleases=True),
+        entry_points=(("torchao.prototype.moe_training.scaled_grouped_mm", "_to_mxfp8_then_scaled_grouped_mm"),),
+        fingerprint=("A", "B_t", "offs", "block_size", "out_dtype"),
+        positional_only=True,
+        via_autograd_function=True,
+        bind=bind_scaling_type,
+        native=True,
+        emulation="reference",
+        scale_mode=ScaleMode.RCEIL,
+        wgrad_with_hp=False,
+    )
+    fake_torchao("0.15.0", fakes.GEN_015)
+    assert probes.match_generation("0.15.0", table=(row,)).bound is not None
+    fakes.purge_torchao_modules()
+    reused = {k: v.replace("block_size=32, out_dtype", "bias=None, out_dtype") for k, v in fakes.GEN_015.items()}
+    fake_torchao("0.15.0", reused)
+    match = probes.match_generation("0.15.0", table=(row,))
+    assert match.bound is None
+    assert any("positional parameters" in reason for reason in match.reasons), match.reasons
 
 
 @pytest.mark.parametrize("fake_mode, verdict", [("garbage", "SQNR check"), ("nan", "non-finite")])

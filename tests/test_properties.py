@@ -112,7 +112,7 @@ def test_emulated_reference_meets_torchao_thresholds(no_torchao, problem, out_dt
     _check_emulated(problem, out_dtype)
 
 
-@pytest.mark.skipif(probes.installed_torchao_version() is None, reason="no torchao installed in this environment")
+@pytest.mark.torchao
 @GEMM_SETTINGS
 @given(problem=grouped_problems(), out_dtype=DTYPES)
 def test_emulated_installed_torchao_meets_torchao_thresholds(problem, out_dtype):

@@ -106,21 +106,21 @@ def token_group_layout(
 @triton.jit(do_not_specialize=["n_rows"])
 def _zero_rows_after_kernel(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     end = tl.load(offs_ptr + last)
-    first_row = tl.program_id(0) * BLOCK_R
-    if first_row + BLOCK_R > end:  # blocks wholly before offs[-1] touch no memory
-        rows = first_row + tl.arange(0, BLOCK_R)
-        row_ok = (rows >= end) & (rows < n_rows)
-        for c in range(0, n_cols, BLOCK_C):
-            cols = c + tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (cols < n_cols)[None, :]
-            zeros = tl.zeros((BLOCK_R, BLOCK_C), dtype=x_ptr.dtype.element_ty)
-            tl.store(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :], zeros, mask=mask)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # Rows before offs[-1] are masked off: their blocks store nothing, so only the tail's bytes move.
+    mask = ((rows >= end) & (rows < n_rows))[:, None] & (cols < n_cols)[None, :]
+    zeros = tl.zeros((BLOCK_R, BLOCK_C), dtype=x_ptr.dtype.element_ty)
+    tl.store(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :], zeros, mask=mask)
 
 
 def zero_rows_after(x: torch.Tensor, offs: torch.Tensor) -> None:
     """Zero the rows of ``x`` (2D, unit column stride) from ``offs[-1]`` on, in place."""
-    block_r, block_c = 16, 256
-    grid = (max(1, triton.cdiv(x.shape[0], block_r)),)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return
+    block_c = min(256, triton.next_power_of_2(x.shape[1]))
+    block_r = max(1, 4096 // block_c)
+    grid = (triton.cdiv(x.shape[0], block_r), triton.cdiv(x.shape[1], block_c))
     _zero_rows_after_kernel[grid](
         x, offs, offs.shape[0] - 1, x.shape[0], x.shape[1], x.stride(0), BLOCK_R=block_r, BLOCK_C=block_c
     )

@@ -10,10 +10,11 @@ Adding the next torchao release is one :class:`Generation` row at the top of
 
 A normalizer is ``bind(entry, kernel, wgrad_with_hp) -> call`` where ``kernel`` is
 ``"native"`` or ``"emulated"`` and ``call(A, B_t, offs, out_dtype)`` follows the uniform
-contract. Normalizers pass arguments by keyword wherever the entry accepts keywords, by
-position only where the entry is positional-only (0.15's ``_MXFP8GroupedMM.apply`` alias,
-whose positional layout the fingerprint pins exactly), and never fill a slot whose meaning
-changed between releases (the 4th parameter is ``block_size`` up to 0.17, ``bias`` from 0.18).
+contract. Normalizers pass arguments by keyword and never fill a slot whose meaning changed
+between releases (the 4th parameter is ``block_size`` up to 0.17, ``bias`` from 0.18). Every
+row's entry is one torchao's own code calls; in each release's tox env,
+``tests/test_wheel_conformance.py`` runs the row's native call (0.14+) through that wheel's
+autograd code, forward and backward, with only the sm_100 kernels replaced.
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def _rceil() -> Any:
 
 
 def bind_scaling_type(entry: Callable[..., Any], kernel: Kernel, wgrad_with_hp: bool) -> GroupedMMCall:
-    """0.13 / 0.14: ``_scaled_grouped_mm(A, B_t, offs=, out_dtype=, scaling_type=MXFP8)``.
+    """0.13 / 0.14 ``_scaled_grouped_mm``, 0.15 ``_quantize_then_scaled_grouped_mm``:
+    ``entry(A, B_t, offs=, out_dtype=, scaling_type=MXFP8)``.
 
-    The kernel is not selectable: 0.13 always emulates, 0.14 always runs sm_100 kernels.
+    The kernel is not selectable: 0.13 always emulates, 0.14 and 0.15 always run sm_100 kernels.
     """
     call = functools.partial(entry, scaling_type=_moe_scaling_type_mxfp8())
 
@@ -69,20 +71,6 @@ def bind_scaling_type(entry: Callable[..., Any], kernel: Kernel, wgrad_with_hp: 
         return call(A, B_t, offs=offs, out_dtype=out_dtype)
 
     return scaled_grouped_mm_mxfp8
-
-
-def bind_apply_positional(entry: Callable[..., Any], kernel: Kernel, wgrad_with_hp: bool) -> GroupedMMCall:
-    """0.15: ``_to_mxfp8_then_scaled_grouped_mm = _MXFP8GroupedMM.apply``, positional only.
-
-    Slots (pinned by the fingerprint): A, B_t, offs, block_size, out_dtype, emulated,
-    use_triton_for_dim0_cast, scale_calculation_mode. 0.15's forward ignores ``emulated``.
-    """
-    rceil = _rceil()
-
-    def mxfp8_apply(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return entry(A, B_t, offs, 32, out_dtype, False, False, rceil)
-
-    return mxfp8_apply
 
 
 def bind_kernel_preference(entry: Callable[..., Any], kernel: Kernel, wgrad_with_hp: bool) -> GroupedMMCall:
@@ -132,9 +120,12 @@ class Generation:
         entry_points: ``(module, attribute)`` candidates, tried in order.
         fingerprint: parameter names the normalizer relies on; all must be present.
         positional_only: the entry takes positional arguments only; then ``fingerprint``
-            must equal the leading parameters exactly, in order.
+            must equal the leading parameters exactly, in order. (Written for torchao 0.15's
+            ``_MXFP8GroupedMM.apply`` alias, which no row calls any more: its ``forward``
+            declares 8 parameters but its ``backward`` returns 6 gradients, so a call filling
+            all 8 fails in backward. Kept for a future positional-only entry.)
         via_autograd_function: read the fingerprint from the ``forward`` of the
-            ``autograd.Function`` whose ``apply`` the entry is.
+            ``autograd.Function`` whose ``apply`` the entry is (see ``positional_only``).
         bind: the normalizer.
         native: the generation ships a native (sm_100) kernel path.
         emulation: "torchao" when the entry can run MXFP8 numerics without that kernel
@@ -237,25 +228,25 @@ GENERATIONS: tuple[Generation, ...] = (
     Generation(
         key="0.15",
         versions=SpecifierSet(">=0.15.0.dev0,<0.16.0.dev0", prereleases=True),
-        entry_points=((f"{_MOE}.scaled_grouped_mm", _KP_ENTRY), (_MOE, _KP_ENTRY)),
-        fingerprint=(
-            "A",
-            "B_t",
-            "offs",
-            "block_size",
-            "out_dtype",
-            "emulated",
-            "use_triton_for_dim0_cast",
-            "scale_calculation_mode",
+        # The dispatcher torchao's own ScaledGroupedMMTensor calls. Same parameters as 0.14's
+        # `_scaled_grouped_mm`; the rows differ by entry name (each wheel has only its own).
+        entry_points=(
+            (f"{_MOE}.scaled_grouped_mm", "_quantize_then_scaled_grouped_mm"),
+            (_MOE, "_quantize_then_scaled_grouped_mm"),
         ),
-        positional_only=True,
-        via_autograd_function=True,
-        bind=bind_apply_positional,
+        fingerprint=("A", "B_t", "offs", "out_dtype", "scaling_type"),
+        bind=bind_scaling_type,
         native=True,
         emulation="reference",
         scale_mode=ScaleMode.RCEIL,
         wgrad_with_hp=False,
-        notes="Entry is `_MXFP8GroupedMM.apply`: keywords raise TypeError. Forward ignores `emulated`.",
+        notes=(
+            "Entry is `_quantize_then_scaled_grouped_mm(..., scaling_type=MXFP8)`, which calls "
+            "`_MXFP8GroupedMM.apply` with 5 arguments; RCEIL is that Function's default. Not the "
+            "`_to_mxfp8_then_scaled_grouped_mm` alias (`_MXFP8GroupedMM.apply` itself): its forward "
+            "declares 8 parameters but backward returns 6 gradients, so filling all 8 fails in backward. "
+            "No emulated path: forward always runs sm_100 kernels."
+        ),
     ),
     Generation(
         key="0.14",

@@ -340,6 +340,9 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
         shape_multiple=generation.shape_multiple["native"],
         shape_fallback=shape_fallback,
         label=f"torchao {generation.key} native MXFP8",
+        # torch._scaled_grouped_mm emits bf16 only ("Only bf16 high precision output types are
+        # supported for grouped gemm"): float32 output is the bf16 output upcast.
+        float32_out=False,
     )
     smoke = probes.smoke_run(fn, ctx.device, scale_mode=generation.scale_mode, wgrad_with_hp=wgrad_with_hp, exact=False)
     if smoke.problem is not None:
