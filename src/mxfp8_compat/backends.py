@@ -12,6 +12,7 @@ from typing import NoReturn, Optional, Protocol
 
 import torch
 
+from .distributed import dtensor_aware
 from .generations import GroupedMMCall
 from .layout import weight_relayout
 from .reference import ScaleMode, grouped_mm_fallback, mxfp8_grouped_mm_reference
@@ -67,7 +68,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
                 check_offs_values(A, offs)
             return grouped_mm_fallback(A, B, offs, out_dtype)
 
-        return bf16_grouped_mm_loop
+        return dtensor_aware(bf16_grouped_mm_loop)
 
     grouped_mm, float32 = torch._grouped_mm, torch.float32
 
@@ -88,7 +89,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
         check_metadata(A, B, offs, out_dtype)
         return grouped_mm_fallback(A, B, offs, out_dtype)
 
-    return bf16_grouped_mm
+    return dtensor_aware(bf16_grouped_mm)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -168,7 +169,7 @@ def make_mxfp8(
         return out
 
     mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
-    return mxfp8_grouped_mm
+    return dtensor_aware(mxfp8_grouped_mm)
 
 
 def reference_call(scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMMCall:
