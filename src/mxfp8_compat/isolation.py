@@ -20,6 +20,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -92,8 +93,29 @@ def isolated_problem(torchao_version: str, device: torch.device) -> Optional[str
         pass
     problem = _run_child(device)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"problem": problem, "torchao": torchao_version, "torch": torch.__version__}))
+        _write_verdict(path, {"problem": problem, "torchao": torchao_version, "torch": torch.__version__})
     except OSError:
         pass  # an unwritable cache only costs the next process another child run
     return problem
+
+
+def _write_verdict(path: Path, record: dict) -> None:
+    """Write ``record`` to ``path`` atomically: readers see the old file or the whole new one.
+
+    Several processes (the ranks of one job) may probe at once and share the cache: each
+    writes a temporary file in the same directory and renames it over ``path``
+    (``os.replace`` is atomic on POSIX and Windows), so no reader ever parses a half-written
+    verdict and concurrent writers cannot interleave their bytes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(record))
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
