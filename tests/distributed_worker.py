@@ -172,13 +172,28 @@ def count_relayouts() -> list[int]:
 # --- FSDP2 ------------------------------------------------------------------------------------
 
 
+def fsdp_gradient_divisor(ctx: Context) -> float:
+    """What FSDP2 divides the sum of the ranks' gradients by, measured on a one-weight module.
+
+    The world size (an average), except on torch 2.8 with gloo: its FSDP2 asks for
+    ``ReduceOp.AVG``, which gloo's reduce-scatter performs as a sum (torch 2.9+ divide).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    probe = torch.nn.Linear(ctx.world, ctx.world, bias=False, device=ctx.device)
+    fully_shard(probe, mesh=ctx.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    probe(torch.ones(1, ctx.world, device=ctx.device)).sum().backward()  # every rank's gradient is all ones
+    return float(ctx.world / probe.weight.grad.to_local().flatten()[0].item())
+
+
 def scenario_fsdp(ctx: Context, mode: str) -> Checks:
     """fully_shard vs the same model in one process, fed the same per-rank batches (gradient accumulation).
 
     Every rank computes its batch exactly as the single process computes that batch; the only
     cross-rank arithmetic is FSDP2's reduce-scatter, which for two ranks adds g0/2 + g1/2 (one
     float32 addition, commutative; halving is exact): the single process's (g0 + g1) / 2 is the
-    same number. So loss, gradients and updated weights are bitwise equal in both modes.
+    same number. So loss, gradients and updated weights are bitwise equal in both modes. (torch 2.8's
+    FSDP2 on gloo sums instead of averaging: the divisor is measured, and the reference uses it.)
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -200,6 +215,8 @@ def scenario_fsdp(ctx: Context, mode: str) -> Checks:
     checks.add("parameters are DTensors sharded over experts", all(
         type(p).__name__ == "DTensor" and is_shard0(p) for p in model.parameters()
     ))
+    divisor = fsdp_gradient_divisor(ctx)
+    checks.add("FSDP2 averages or sums gradients over ranks", divisor in (1.0, float(ctx.world)), divides_by=divisor)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     names = [n for n, _ in ref.named_parameters()]
@@ -214,7 +231,7 @@ def scenario_fsdp(ctx: Context, mode: str) -> Checks:
             ref_loss.backward()
             ref_losses.append(ref_loss)
         for p in ref.parameters():
-            p.grad.div_(ctx.world)  # FSDP2 averages gradients over ranks
+            p.grad.div_(divisor)  # FSDP2 averages gradients over ranks (sums on torch 2.8 with gloo)
         checks.equal(f"step {step}: loss", loss, ref_losses[ctx.rank], bitwise=ctx.exact, min_sqnr_db=60)
         for name, p, q in zip(names, model.parameters(), ref.parameters()):
             checks.equal(f"step {step}: grad {name}", p.grad, q.grad, bitwise=ctx.exact, min_sqnr_db=60)
@@ -533,7 +550,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if backend == "nccl":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.cuda.set_device(args.rank)
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dist.init_process_group(backend, init_method=f"file://{args.init_file}", rank=args.rank,
                             world_size=args.world_size, timeout=timedelta(seconds=120))
     ctx = Context(args.rank, args.world_size, backend)
