@@ -79,7 +79,8 @@ def test_expert_parallel_matches_one_process(main_run, mode):
 @pytest.mark.parametrize("mode", ["off", "emulated"])
 def test_dtensor_arguments_compute_on_local_shards_or_raise(main_run, mode):
     checks = passed(main_run, f"dtensor:{mode}")
-    assert sum(1 for c in checks if "message" in c) >= 8, "the refusals were not all exercised"
+    assert sum(1 for c in checks if "message" in c) == 10, "the refusals were not all exercised"
+    assert {"bias, EP: Shard(0) bias", "bias, column-parallel: Shard(1) bias"} <= names(checks)
     assert sum(1 for c in checks if c["name"].endswith("no communication")) == 3
 
 

@@ -169,7 +169,7 @@ def grouped_mm_on_local_shards(fn: Any, A: Any, B: Any, offs: Any, **kwargs: Any
     if bias is not None:
         if any(isinstance(p, Partial) for p in out_placements):
             raise ValueError(
-                f"bias: the result is Partial() (K is sharded: {_fmt(out_placements)}), so a bias would be added "
+                f"bias: with K sharded the result is Partial ({_fmt(out_placements)}), so a bias would be added "
                 "once per rank; add it after reducing the result"
             )
         if isinstance(bias, DTensor):
