@@ -29,6 +29,11 @@ hold? the gradient of a replicated operand would be wrong without knowing). Noth
 gathers a full tensor or communicates: the local GEMM is exactly what MoE stacks run after
 ``.to_local()``, and the DTensor result records how the ranks' pieces combine.
 
+A ``bias`` keyword (E, N), for callables that take one, follows the result: ``Shard(0)`` with
+expert-parallel B, the result's placements otherwise (``Shard(1)`` column-parallel); a plain
+bias only where the result is replicated, and none on a ``Partial`` result (it would be added
+once per rank). Other keywords must not be DTensors.
+
 MXFP8 paths quantise blocks of 32 along K (forward) and N (input gradient): with K or N
 sharded, each rank's local size must be a multiple of 32 (the callable checks the local shape),
 which also puts every shard boundary on a block boundary, so the blocks are the unsharded
