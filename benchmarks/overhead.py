@@ -14,7 +14,7 @@ every variant alike), it times forward and forward+backward of:
                fn(A.contiguous(), B.transpose(-2, -1).contiguous().transpose(-2, -1), offs)
 
 and prints medians with the ratios (b)/(a) and (c)/(b). (a) and (b) get the weight stored once
-with prepare_weight (the layout torchao needs), as a training loop using the shim would. It also times resolve() cold (in a fresh
+(E, N, K) and passed as as_grouped_mm_weight(w) (the layout torchao needs), as a training loop using the shim would. It also times resolve() cold (in a fresh
 subprocess, torchao import included, smoke run shown separately) and cached.
 Nothing here is asserted: pytest never times anything.
 """
@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 import mxfp8_compat
-from mxfp8_compat import prepare_weight, resolve
+from mxfp8_compat import as_grouped_mm_weight, expert_weight_from_kn, resolve
 
 TINY = [(2, 64, 32, 32), (4, 256, 64, 64), (8, 1024, 128, 128)]
 MOE = [
@@ -50,7 +50,8 @@ def make_inputs(E: int, M: int, K: int, N: int, device: str, requires_grad: bool
     rows = M // E
     A = torch.randn(M, K, device=device, dtype=torch.bfloat16, requires_grad=requires_grad)
     B_row_major = torch.nn.Parameter(torch.randn(E, K, N, device=device, dtype=torch.bfloat16), requires_grad=requires_grad)
-    B_prepared = prepare_weight(B_row_major)
+    storage = torch.nn.Parameter(expert_weight_from_kn(B_row_major), requires_grad=requires_grad)  # (E, N, K)
+    B_prepared = as_grouped_mm_weight(storage)
     offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * rows
     grad = torch.randn(M, N, device=device, dtype=torch.bfloat16)
     return A, {"prepared": B_prepared, "row_major": B_row_major}, offs, grad

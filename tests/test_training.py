@@ -1,7 +1,8 @@
 """Training with the grouped GEMM: parameters, optimisers, a tiny MoE, and the weight gradient.
 
-* A weight from ``prepare_weight`` gets gradients through every mode and keeps its per-group
-  column-major layout across optimiser steps (SGD with momentum, Adam).
+* An expert weight stored contiguous ``(E, N, K)`` (``expert_weight_from_kn``) and passed as
+  ``as_grouped_mm_weight(w)`` gets gradients through every mode and keeps its layout (so the
+  view stays per-group column-major) across optimiser steps (SGD with momentum, Adam).
 * A tiny MoE expert layer (up-projection, SiLU, down-projection) trains for 20 Adam steps in
   "emulated" and in "off" mode from the same init: the loss falls in both and the MXFP8 loss
   tracks the bf16 loss.
@@ -16,13 +17,13 @@ import torch
 
 from conftest import float64_reference, make_problem, run_with_grads
 from fakes import GEN_013
-from mxfp8_compat import prepare_weight, resolve, sqnr_db
+from mxfp8_compat import as_grouped_mm_weight, expert_weight_from_kn, resolve, sqnr_db
 from mxfp8_compat.layout import is_per_group_column_major
 
 HP_REASON = "cannot keep the weight-gradient GEMM in high precision"
 
 
-# --- (a) prepared parameters under an optimiser -------------------------------------------------
+# --- (a) expert-weight parameters under an optimiser -------------------------------------------------
 
 OPTIMIZERS = {
     "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
@@ -32,19 +33,19 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("mode", ["emulated", "off"])
-def test_prepared_weight_gets_gradients_and_keeps_its_layout(mode, optimizer):
+def test_expert_weight_gets_gradients_and_keeps_its_layout(mode, optimizer):
     fn = resolve(mode, device="cpu")
     problem = make_problem(group_rows=(64, 32, 0, 96), k=128, n=64, requires_grad=False)
-    weight = prepare_weight(torch.nn.Parameter(problem.B.clone()))
-    assert isinstance(weight, torch.nn.Parameter) and weight.requires_grad
-    assert is_per_group_column_major(weight)
+    weight = torch.nn.Parameter(expert_weight_from_kn(problem.B))  # (E, N, K), contiguous
+    assert weight.is_contiguous() and is_per_group_column_major(as_grouped_mm_weight(weight))
     opt = OPTIMIZERS[optimizer]([weight])
-    _, _, ref_dB = float64_reference(make_problem_like(problem, weight))
+    _, _, ref_dB = float64_reference(make_problem_like(problem, as_grouped_mm_weight(weight)))
+    ref_dB = ref_dB.transpose(-2, -1)  # the gradient of the (E, N, K) storage
     for step in range(3):  # the second and third steps use the optimiser's state
         before = weight.detach().clone()
         storage = weight.data_ptr()
         opt.zero_grad(set_to_none=True)
-        out = fn(problem.A, weight, problem.offs)
+        out = fn(problem.A, as_grouped_mm_weight(weight), problem.offs)
         out.backward(problem.grad_out)
         assert weight.grad is not None and weight.grad.shape == weight.shape
         assert torch.isfinite(weight.grad).all()
@@ -53,7 +54,7 @@ def test_prepared_weight_gets_gradients_and_keeps_its_layout(mode, optimizer):
             assert sqnr_db(ref_dB, weight.grad) >= floor, f"{mode}: weight gradient {sqnr_db(ref_dB, weight.grad):.1f} dB"
         assert torch.count_nonzero(weight.grad[2]) == 0, "expert 2 has no tokens"
         opt.step()
-        assert is_per_group_column_major(weight), f"{optimizer} step {step} changed the layout: strides {weight.stride()}"
+        assert weight.is_contiguous(), f"{optimizer} step {step} changed the layout: strides {weight.stride()}"
         assert weight.data_ptr() == storage, "the optimiser updated the parameter in place"
         assert not torch.equal(weight.detach(), before), "the step changed the weight"
 
@@ -93,19 +94,19 @@ def _moe_losses(mode: str, seed: int = 0) -> list[float]:
 
     target = grouped_mm_float64(torch.nn.functional.silu(grouped_mm_float64(x.double(), t1, offs)), t2, offs).float()
     # Same init in both modes: float32 master weights, bf16 compute (the usual mixed precision).
-    w1 = prepare_weight(torch.nn.Parameter(torch.randn(E, D, H, generator=g) / D**0.5))
-    w2 = prepare_weight(torch.nn.Parameter(torch.randn(E, H, D, generator=g) / H**0.5))
+    w1 = torch.nn.Parameter(expert_weight_from_kn(torch.randn(E, D, H, generator=g) / D**0.5))
+    w2 = torch.nn.Parameter(expert_weight_from_kn(torch.randn(E, H, D, generator=g) / H**0.5))
     opt = torch.optim.Adam([w1, w2], lr=3e-3)
     losses = []
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        h = torch.nn.functional.silu(fn(x, w1.bfloat16(), offs))
-        y = fn(h, w2.bfloat16(), offs, out_dtype=torch.float32)
+        h = torch.nn.functional.silu(fn(x, as_grouped_mm_weight(w1.bfloat16()), offs))
+        y = fn(h, as_grouped_mm_weight(w2.bfloat16()), offs, out_dtype=torch.float32)
         loss = torch.nn.functional.mse_loss(y, target)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        assert is_per_group_column_major(w1) and is_per_group_column_major(w2)
+        assert w1.is_contiguous() and w2.is_contiguous()
     return losses
 
 

@@ -15,7 +15,16 @@ from importlib.metadata import PackageNotFoundError, version
 from .dropin import select_grouped_mm
 from .errors import MXFP8Unavailable
 from .generations import GENERATIONS, Generation
-from .layout import prepare_weight, weight_relayout
+from .layout import (
+    as_grouped_mm_weight,
+    expert_weight,
+    expert_weight_from_kn,
+    expert_weight_to_kn,
+    prepare_weight,
+    state_dict_from_expert_layout,
+    state_dict_to_expert_layout,
+    weight_relayout,
+)
 from .reference import ScaleMode, mxfp8_grouped_mm_reference, sqnr_db
 from .resolution import Resolution, resolve, reset
 
@@ -30,12 +39,18 @@ __all__ = [
     "MXFP8Unavailable",
     "Resolution",
     "ScaleMode",
+    "as_grouped_mm_weight",
+    "expert_weight",
+    "expert_weight_from_kn",
+    "expert_weight_to_kn",
     "mxfp8_grouped_mm_reference",
     "prepare_weight",
     "reset",
     "resolve",
     "select_grouped_mm",
     "sqnr_db",
+    "state_dict_from_expert_layout",
+    "state_dict_to_expert_layout",
     "weight_relayout",
     "__version__",
 ]

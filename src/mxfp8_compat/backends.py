@@ -15,6 +15,7 @@ from typing import NoReturn, Optional, Protocol
 
 import torch
 
+from .distributed import dtensor_aware
 from .generations import GroupedMMCall
 from .layout import weight_relayout
 from .reference import ScaleMode, grouped_mm_fallback, mxfp8_grouped_mm_reference
@@ -123,7 +124,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
                 check_offs_values(A, offs)
             return grouped_mm_fallback(A, B, offs, out_dtype or A.dtype)
 
-        return bf16_grouped_mm_loop
+        return dtensor_aware(bf16_grouped_mm_loop)
 
     grouped_mm = torch._grouped_mm
     bfloat16, float32 = torch.bfloat16, torch.float32
@@ -165,7 +166,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
         except Exception as error:
             return _retry_or_raise(error, A, B, offs, out_dtype, bias)
 
-    return bf16_grouped_mm
+    return dtensor_aware(bf16_grouped_mm)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -287,7 +288,7 @@ def make_mxfp8(
         return out if callee_dtype is out_dtype else out.to(out_dtype)
 
     mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
-    return mxfp8_grouped_mm
+    return dtensor_aware(mxfp8_grouped_mm)
 
 
 def reference_call(scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMMCall:
