@@ -27,6 +27,7 @@ from .layout import (
 )
 from .reference import ScaleMode, mxfp8_grouped_mm_reference, sqnr_db
 from .resolution import Resolution, resolve, reset
+from .token_groups import TokenGroupPadding, pad_token_groups, unpad_token_groups
 
 try:
     __version__ = version("mxfp8_compat")
@@ -39,11 +40,13 @@ __all__ = [
     "MXFP8Unavailable",
     "Resolution",
     "ScaleMode",
+    "TokenGroupPadding",
     "as_grouped_mm_weight",
     "expert_weight",
     "expert_weight_from_kn",
     "expert_weight_to_kn",
     "mxfp8_grouped_mm_reference",
+    "pad_token_groups",
     "prepare_weight",
     "reset",
     "resolve",
@@ -51,6 +54,7 @@ __all__ = [
     "sqnr_db",
     "state_dict_from_expert_layout",
     "state_dict_to_expert_layout",
+    "unpad_token_groups",
     "weight_relayout",
     "__version__",
 ]
