@@ -490,9 +490,9 @@ def scenario_isolation(ctx: Context, mode: str) -> Checks:
     children: list[int] = []
     real_smoke, real_child = probes.smoke_run, isolation._run_child
 
-    def counting_smoke(fn: Any, device: Any) -> Any:
+    def counting_smoke(fn: Any, device: Any, **verdict_args: Any) -> Any:
         smoke_runs.append(getattr(fn, "__name__", "?"))
-        return real_smoke(fn, device)
+        return real_smoke(fn, device, **verdict_args)
 
     def counting_child(device: Any) -> Any:
         children.append(1)
