@@ -116,14 +116,13 @@ def quantize_blocks_kernel(
 ):
     """Fake-quantise a contiguous tensor whose last dimension is a multiple of 32: every run of
     32 consecutive elements is one block."""
-    pid = tl.program_id(0).to(tl.int64)
-    block = pid * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
-    offsets = block[:, None] * 32 + tl.arange(0, 32)[None, :]
-    mask = (block < n_blocks)[:, None]
-    x = _load_f32(x_ptr, offsets, mask, IN_BF16, HW_CVT)
+    base = tl.program_id(0).to(tl.int64) * (BLOCKS * 32)
+    offsets = tl.arange(0, BLOCKS)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    mask = offsets < (n_blocks * 32 - base)
+    x = _load_f32(x_ptr + base, offsets, mask, IN_BF16, HW_CVT)
     amax = _max(_abs_bits(x), 1)
     y = _fake_quant(x, amax[:, None], RCEIL, HW_CVT)
-    _store_bf16(y_ptr, offsets, y, mask, HW_CVT)
+    _store_bf16(y_ptr + base, offsets, y, mask, HW_CVT)
 
 
 @triton.jit
@@ -146,23 +145,24 @@ def quantize_weight_kernel(
     """Fake-quantise B^T, an (E, N, K) view of the weight, in blocks of 32 along K (into
     ``yk``) and along N (into ``yn``), reading each element once. Outputs are contiguous
     (E, N, K). Tile: 32 rows of N by BK columns of K."""
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    k0 = tl.program_id(0) * BK
+    n0 = tl.program_id(1) * 32
     e = tl.program_id(2).to(tl.int64)
-    n = pid_n.to(tl.int64) * 32 + tl.arange(0, 32).to(tl.int64)
-    k = pid_k.to(tl.int64) * BK + tl.arange(0, BK).to(tl.int64)
-    mask = (k < K)[None, :]
-    src = e * stride_e + n[:, None] * stride_n + k[None, :] * stride_k
-    dst = e * N * K + n[:, None] * K + k[None, :]
-    x = _load_f32(x_ptr, src, mask, IN_BF16, HW_CVT)
+    n = tl.arange(0, 32)
+    k = tl.arange(0, BK)
+    mask = (k0 + k < K)[None, :]
+    src = x_ptr + (e * stride_e + n0.to(tl.int64) * stride_n + k0.to(tl.int64) * stride_k)
+    dst_base = e * N * K + n0.to(tl.int64) * K + k0
+    dst = n[:, None] * K + k[None, :]
+    x = _load_f32(src, n[:, None] * stride_n + k[None, :] * stride_k, mask, IN_BF16, HW_CVT)
     bits = _abs_bits(x)
     if DO_K:
         amax_k = _max(tl.reshape(bits, (32, BK // 32, 32)), 2)
         amax_k = tl.reshape(tl.broadcast_to(amax_k[:, :, None], (32, BK // 32, 32)), (32, BK))
-        _store_bf16(yk_ptr, dst, _fake_quant(x, amax_k, RCEIL, HW_CVT), mask, HW_CVT)
+        _store_bf16(yk_ptr + dst_base, dst, _fake_quant(x, amax_k, RCEIL, HW_CVT), mask, HW_CVT)
     if DO_N:
         amax_n = _max(bits, 0)
-        _store_bf16(yn_ptr, dst, _fake_quant(x, amax_n[None, :], RCEIL, HW_CVT), mask, HW_CVT)
+        _store_bf16(yn_ptr + dst_base, dst, _fake_quant(x, amax_n[None, :], RCEIL, HW_CVT), mask, HW_CVT)
 
 
 @triton.jit
@@ -198,9 +198,11 @@ def quantize_grouped_rows_kernel(
     Programs [0, n_block_programs) take the groups' row blocks in order (the block index is
     mapped to its group on device); the others zero 32 rows each after offs[-1]."""
     pid = tl.program_id(0)
-    cols = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC).to(tl.int64)
-    col_mask = cols < C
+    c0 = tl.program_id(1) * BC
+    cols = tl.arange(0, BC)
+    col_mask = (c0 + cols < C)[None, :]
     rows32 = tl.arange(0, 32)
+    tile = rows32[:, None] * C + cols[None, :]
     idx, starts, ends, last = _group_bounds(offs_ptr, E, E_PAD)
     if pid < n_block_programs:
         sizes = tl.maximum(ends - starts, 0)
@@ -214,18 +216,27 @@ def quantize_grouped_rows_kernel(
             g_end = _sum(tl.where(idx == group, ends, 0), 0)
             row0 = g_start + (pid - first_block) * 32
             rows = row0 + rows32
-            row_mask = (rows < g_end) & (rows < M) & (rows >= 0)
-            offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
-            mask = row_mask[:, None] & col_mask[None, :]
-            x = _load_f32(x_ptr, offsets, mask, IN_BF16, HW_CVT)
+            mask = ((rows < g_end) & (rows < M) & (rows >= 0))[:, None] & col_mask
+            base = row0.to(tl.int64) * C + c0
+            x = _load_f32(x_ptr + base, tile, mask, IN_BF16, HW_CVT)
             amax = _max(_abs_bits(x), 0)
-            _store_bf16(y_ptr, offsets, _fake_quant(x, amax[None, :], RCEIL, HW_CVT), mask, HW_CVT)
+            _store_bf16(y_ptr + base, tile, _fake_quant(x, amax[None, :], RCEIL, HW_CVT), mask, HW_CVT)
     else:
-        rows = (pid - n_block_programs) * 32 + rows32
-        row_mask = (rows >= tl.maximum(last, 0)) & (rows < M)
-        offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        mask = row_mask[:, None] & col_mask[None, :]
-        _store_bf16(y_ptr, offsets, tl.full((32, BC), 0.0, tl.float32), mask, HW_CVT)
+        row0 = (pid - n_block_programs) * 32
+        rows = row0 + rows32
+        mask = ((rows >= tl.maximum(last, 0)) & (rows < M))[:, None] & col_mask
+        base = row0.to(tl.int64) * C + c0
+        _store_bf16(y_ptr + base, tile, tl.full((32, BC), 0.0, tl.float32), mask, HW_CVT)
+
+
+@triton.jit
+def _zero_range(ptr, chunk, lo, hi, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Zero the elements of [chunk, chunk + BLOCK * ITERS) that lie in [lo, hi)."""
+    lanes = tl.arange(0, BLOCK)
+    if (chunk + BLOCK * ITERS > lo) & (chunk < hi):
+        for i in tl.static_range(ITERS):
+            start = chunk + i * BLOCK
+            tl.store(ptr + start + lanes, tl.full((BLOCK,), 0.0, tl.float32), mask=(lanes >= lo - start) & (lanes < hi - start))
 
 
 @triton.jit
@@ -249,20 +260,14 @@ def zero_unused_kernel(
     once (the grid does not depend on offs, so nothing is read on the host)."""
     pid = tl.program_id(0)
     idx, starts, ends, last = _group_bounds(offs_ptr, E, E_PAD)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
     if pid < a_programs:
         lo = tl.minimum(tl.maximum(last, 0), M).to(tl.int64) * K
         hi = (lo * 0 + M) * K
-        chunk = pid.to(tl.int64) * (BLOCK * ITERS)
-        ptr = grad_a_ptr
+        _zero_range(grad_a_ptr, pid.to(tl.int64) * (BLOCK * ITERS), lo, hi, BLOCK, ITERS)
     else:
         e = (pid - a_programs) // b_programs
         size = _sum(tl.where(idx == e, ends - starts, 0), 0)
         lo = e.to(tl.int64) * KN
         hi = tl.where(size <= 0, lo + KN, lo)
         chunk = lo + ((pid - a_programs) % b_programs).to(tl.int64) * (BLOCK * ITERS)
-        ptr = grad_b_ptr
-    if (chunk + BLOCK * ITERS > lo) & (chunk < hi):
-        for i in tl.static_range(ITERS):
-            offsets = chunk + i * BLOCK + lanes
-            tl.store(ptr + offsets, tl.full((BLOCK,), 0.0, tl.float32), mask=(offsets >= lo) & (offsets < hi))
+        _zero_range(grad_b_ptr, chunk, lo, hi, BLOCK, ITERS)
