@@ -31,7 +31,10 @@ Precision of the GEMMs: quantised operands are dequantised into bfloat16 (exactl
 e4m3 value times a power of two always fits bf16) and multiplied by
 ``torch._grouped_mm`` with float32 accumulation, as torchao's emulated kernels do; the
 output is bitwise torchao's, the gradients equal it up to float32 summation order (see
-:mod:`mxfp8_compat.agreement`).
+:mod:`mxfp8_compat.agreement`). The backward GEMMs (:func:`dgrad_gemm`, :func:`wgrad_gemm`)
+are shared with :mod:`mxfp8_compat.fast_emulation`, whose fused quantisers make it bitwise
+equal to this module; on CUDA with bf16 operands they are single ``torch._grouped_mm`` calls
+with bf16 output, so no GEMM of the reference reads ``offs`` on the host there.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ __all__ = [
     "grouped_mm_float64",
     "mxfp8_grouped_mm_reference",
     "grouped_mm_fallback",
+    "dgrad_gemm",
+    "wgrad_gemm",
+    "zero_unused_grads",
     "sqnr_db",
 ]
 
