@@ -137,34 +137,47 @@ def check_bitwise(shape, device: str) -> dict[str, bool]:
 
 
 def sweep(shapes, device: str) -> dict[str, object]:
-    """Time the quantisers alone over a few launch configurations; keep the fastest overall."""
+    """Time the forward's quantisation launch (A and B together) alone over a few launch
+    configurations; keep the fastest overall."""
     timer = Timer(device)
     results: dict[str, object] = {}
-    blocks_cfgs = [(b, w) for b in (32, 64, 128, 256) for w in (4, 8)]
-    weight_cfgs = [(bk, w) for bk in (64, 128, 256) for w in (4, 8)]
-    totals_a: dict[tuple, float] = defaultdict(float)
-    totals_b: dict[tuple, float] = defaultdict(float)
+    configs = [(blocks, bk, warps) for blocks in (32, 64, 128) for bk in (64, 128, 256) for warps in (4, 8)]
+    totals: dict[tuple, float] = defaultdict(float)
     for shape in shapes:
-        E, M, K, N = shape
         A, B, offs, grad = make_inputs(*shape, device)
         A, B = A.detach(), B.detach()
-        for cfg in blocks_cfgs:
-            fast.QUANT_BLOCKS, fast.QUANT_WARPS = cfg
-            fast._quantize_contiguous(A, "rceil")
-            ms = statistics.median(timer(lambda: fast._quantize_contiguous(A, "rceil"), 20) for _ in range(3))
-            totals_a[cfg] += ms
-            results[f"A {shape} blocks={cfg[0]} warps={cfg[1]}"] = f"{ms:.3f} ms, {4 * A.numel() / ms / 1e9:.2f} TB/s"
-        for cfg in weight_cfgs:
-            fast.WEIGHT_BK, fast.WEIGHT_WARPS = cfg
-            fast._quantize_weight(B, "rceil", True, True)
-            ms = statistics.median(timer(lambda: fast._quantize_weight(B, "rceil", True, True), 20) for _ in range(3))
-            totals_b[cfg] += ms
-            results[f"B {shape} bk={cfg[0]} warps={cfg[1]}"] = f"{ms:.3f} ms, {6 * B.numel() / ms / 1e9:.2f} TB/s"
-    fast.QUANT_BLOCKS, fast.QUANT_WARPS = min(totals_a, key=totals_a.get)
-    fast.WEIGHT_BK, fast.WEIGHT_WARPS = min(totals_b, key=totals_b.get)
-    results["chosen"] = {"QUANT_BLOCKS": fast.QUANT_BLOCKS, "QUANT_WARPS": fast.QUANT_WARPS,
-                         "WEIGHT_BK": fast.WEIGHT_BK, "WEIGHT_WARPS": fast.WEIGHT_WARPS}
+        moved = 4 * A.numel() + 6 * B.numel()
+        for cfg in configs:
+            fast.QUANT_BLOCKS, fast.WEIGHT_BK, fast.QUANT_WARPS = cfg
+            run = lambda: fast._quantize(A, B, "rceil", True, True)  # noqa: E731
+            run()
+            ms = statistics.median(timer(run, 20) for _ in range(3))
+            totals[cfg] += ms
+            results[f"{shape} blocks={cfg[0]} bk={cfg[1]} warps={cfg[2]}"] = f"{ms:.3f} ms, {moved / ms / 1e9:.2f} TB/s"
+    fast.QUANT_BLOCKS, fast.WEIGHT_BK, fast.QUANT_WARPS = min(totals, key=totals.get)
+    results["chosen"] = {"QUANT_BLOCKS": fast.QUANT_BLOCKS, "WEIGHT_BK": fast.WEIGHT_BK, "QUANT_WARPS": fast.QUANT_WARPS}
     return results
+
+
+def cpu_profile(shape, device: str, fn: Callable, iters: int = 200) -> list[str]:
+    """Where the host time of ``iters`` fast fwd+bwd calls goes (cProfile, by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    A, B, offs, grad = make_inputs(*shape, device)
+    for _ in range(5):
+        fwd_bwd(fn, A, B, offs, grad)
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        fwd_bwd(fn, A, B, offs, grad)
+    profiler.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+    return out.getvalue().splitlines()
 
 
 def profile(shape, device: str, fn: Callable) -> list[dict[str, object]]:
@@ -184,9 +197,8 @@ def profile(shape, device: str, fn: Callable) -> list[dict[str, object]]:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name].append(event.device_time_total / 1e3 if hasattr(event, "device_time_total") else event.cuda_time_total / 1e3)
-    bytes_of = {  # analytic traffic of one call of our kernels, bf16
-        "quantize_blocks_kernel": 2 * 2 * (M * K + M * N) / 2,  # A in forward, grad_out in backward (mean per launch)
-        "quantize_weight_kernel": 2 * 3 * E * K * N,
+    bytes_of = {  # analytic traffic of one step's launches of our kernels, bf16 (B kept for backward)
+        "quantize_kernel": 2 * 2 * (M * K + M * N) + 2 * 3 * E * K * N,  # A + B (forward), grad_out (backward)
     }
     flops = 2 * M * K * N
     rows = []
@@ -196,8 +208,8 @@ def profile(shape, device: str, fn: Callable) -> list[dict[str, object]]:
         row: dict[str, object] = {"kernel": name[:90], "ms_per_step": round(per_call, 4), "launches_per_step": launches}
         short = next((k for k in bytes_of if k in name), None)
         if short is not None:
-            row["GB_per_launch"] = round(bytes_of[short] / 1e9, 3)
-            row["TB_per_s"] = round(bytes_of[short] * launches / (per_call / 1e3) / 1e12, 2)
+            row["GB_per_step"] = round(bytes_of[short] / 1e9, 3)
+            row["TB_per_s"] = round(bytes_of[short] / (per_call / 1e3) / 1e12, 2)
         elif "gemm" in name.lower() or "cutlass" in name.lower() or "grouped" in name.lower():
             row["TFLOP_per_s_if_one_gemm_each"] = round(flops * launches / (per_call / 1e3) / 1e12, 1)
         rows.append(row)
@@ -214,6 +226,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--cpu-profile", default=None, help="E,M,K,N: cProfile the fast variant's host time there")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
@@ -232,7 +245,8 @@ def main() -> None:
     fns = variants(args.reference)
     ao = torchao_emulated()
     report["torchao"] = ao[0] if ao else None
-    report["config"] = {k: getattr(fast, k) for k in ("QUANT_BLOCKS", "QUANT_WARPS", "WEIGHT_BK", "WEIGHT_WARPS", "ROWS_BC", "KEEP_QUANTIZED_WEIGHT", "USE_HW_CVT")}
+    report["config"] = {k: getattr(fast, k) for k in ("QUANT_BLOCKS", "WEIGHT_BK", "QUANT_WARPS", "ROWS_BC", "KEEP_QUANTIZED_WEIGHT", "USE_HW_CVT")}
+    print(json.dumps(report["config"]))
     table = []
     for shape in shapes:
         ms = time_shape(shape, fns, args.device, args.iters, args.rounds)
@@ -257,6 +271,10 @@ def main() -> None:
             f"| {', '.join(map(str, row['shape']))} | {row['bf16_ms']:.3f} | {row['fast_ms']:.3f} | {row['fast_vs_bf16']:.2f}x "
             f"| {row['fast_requant_vs_bf16']:.2f}x | {row.get('torchao_ms', float('nan')):.3f} | {row.get('torchao_vs_fast', float('nan')):.1f}x |"
         )
+    if args.cpu_profile:
+        shape = tuple(int(v) for v in args.cpu_profile.split(","))
+        report["cpu_profile"] = cpu_profile(shape, args.device, fns["fast"])
+        print("\n".join(report["cpu_profile"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

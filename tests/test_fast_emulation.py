@@ -328,3 +328,15 @@ def test_tiny_moe_trains_bitwise_like_reference_cuda(hp: bool) -> None:
     assert actual == expected
     for a, b in zip(actual_params, expected_params):
         assert bitwise_equal(a, b)
+
+
+def test_custom_ops_pass_opcheck_interpreter() -> None:
+    """The ops torch.compile sees: schema, fake tensors, autograd registration, AOT dispatch.
+    (offs[-1] == M: the output rows after it are unspecified, so would differ run to run.)"""
+    offs = make_offs([40, 0, 30], "cpu")
+    A = random_bf16(70, 64, seed=23).requires_grad_(True)
+    B = weight_relayout(random_bf16(3, 64, 32, seed=24)).requires_grad_(True)
+    torch.library.opcheck(fast._fast_forward, (A, B, offs, torch.bfloat16, "rceil", True, True))
+    grad = random_bf16(70, 32, seed=25)
+    no_weight = torch.empty(0, dtype=torch.bfloat16)
+    torch.library.opcheck(fast._fast_backward, (grad, A.detach(), B.detach(), no_weight, offs, "floor", False, False))

@@ -105,49 +105,30 @@ def _store_bf16(ptr, offsets, y, mask, HW_CVT: tl.constexpr):
 
 
 @triton.jit
-def quantize_blocks_kernel(
-    x_ptr,
-    y_ptr,
-    n_blocks,
-    RCEIL: tl.constexpr,
-    IN_BF16: tl.constexpr,
-    HW_CVT: tl.constexpr,
-    BLOCKS: tl.constexpr,
-):
-    """Fake-quantise a contiguous tensor whose last dimension is a multiple of 32: every run of
-    32 consecutive elements is one block."""
-    base = tl.program_id(0).to(tl.int64) * (BLOCKS * 32)
+def _blocks_job(x_ptr, y_ptr, n_blocks, pid, RCEIL: tl.constexpr, IN_BF16: tl.constexpr, HW_CVT: tl.constexpr,
+                BLOCKS: tl.constexpr):
+    """Fake-quantise BLOCKS consecutive 32-element blocks of a contiguous tensor whose last
+    dimension is a multiple of 32 (so every run of 32 elements is one block)."""
+    base = pid.to(tl.int64) * (BLOCKS * 32)
     offsets = tl.arange(0, BLOCKS)[:, None] * 32 + tl.arange(0, 32)[None, :]
     mask = offsets < (n_blocks * 32 - base)
     x = _load_f32(x_ptr + base, offsets, mask, IN_BF16, HW_CVT)
     amax = _max(_abs_bits(x), 1)
-    y = _fake_quant(x, amax[:, None], RCEIL, HW_CVT)
-    _store_bf16(y_ptr + base, offsets, y, mask, HW_CVT)
+    _store_bf16(y_ptr + base, offsets, _fake_quant(x, amax[:, None], RCEIL, HW_CVT), mask, HW_CVT)
 
 
 @triton.jit
-def quantize_weight_kernel(
-    x_ptr,
-    yk_ptr,
-    yn_ptr,
-    N,
-    K,
-    stride_e,
-    stride_n,
-    stride_k,
-    DO_K: tl.constexpr,
-    DO_N: tl.constexpr,
-    RCEIL: tl.constexpr,
-    IN_BF16: tl.constexpr,
-    HW_CVT: tl.constexpr,
-    BK: tl.constexpr,
-):
-    """Fake-quantise B^T, an (E, N, K) view of the weight, in blocks of 32 along K (into
-    ``yk``) and along N (into ``yn``), reading each element once. Outputs are contiguous
-    (E, N, K). Tile: 32 rows of N by BK columns of K."""
-    k0 = tl.program_id(0) * BK
-    n0 = tl.program_id(1) * 32
-    e = tl.program_id(2).to(tl.int64)
+def _weight_job(x_ptr, yk_ptr, yn_ptr, N, K, stride_e, stride_n, stride_k, q, k_programs,
+                DO_K: tl.constexpr, DO_N: tl.constexpr, RCEIL: tl.constexpr, IN_BF16: tl.constexpr,
+                HW_CVT: tl.constexpr, BK: tl.constexpr):
+    """Fake-quantise one 32 (N) x BK (K) tile of B^T, an (E, N, K) view of the weight, in blocks
+    of 32 along K (into ``yk``) and along N (into ``yn``), reading it once. Outputs are
+    contiguous (E, N, K). Tile ``q`` counts K tiles fastest, then N, then experts."""
+    k0 = (q % k_programs) * BK
+    rest = q // k_programs
+    n_tiles = N // 32
+    n0 = (rest % n_tiles) * 32
+    e = (rest // n_tiles).to(tl.int64)
     n = tl.arange(0, 32)
     k = tl.arange(0, BK)
     mask = (k0 + k < K)[None, :]
@@ -163,6 +144,41 @@ def quantize_weight_kernel(
     if DO_N:
         amax_n = _max(bits, 0)
         _store_bf16(yn_ptr + dst_base, dst, _fake_quant(x, amax_n[None, :], RCEIL, HW_CVT), mask, HW_CVT)
+
+
+@triton.jit
+def quantize_kernel(
+    x_ptr,
+    y_ptr,
+    n_blocks,
+    x_programs,
+    w_ptr,
+    wk_ptr,
+    wn_ptr,
+    N,
+    K,
+    stride_e,
+    stride_n,
+    stride_k,
+    k_programs,
+    RCEIL: tl.constexpr,
+    X_BF16: tl.constexpr,
+    W_BF16: tl.constexpr,
+    DO_K: tl.constexpr,
+    DO_N: tl.constexpr,
+    HW_CVT: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One launch for an activation and/or a weight: programs [0, x_programs) fake-quantise x
+    (contiguous, blocks along its last dimension) into y; the others tiles of the weight w
+    (along K into wk, along N into wn, as DO_K / DO_N ask)."""
+    pid = tl.program_id(0)
+    if pid < x_programs:
+        _blocks_job(x_ptr, y_ptr, n_blocks, pid, RCEIL, X_BF16, HW_CVT, BLOCKS)
+    else:
+        _weight_job(w_ptr, wk_ptr, wn_ptr, N, K, stride_e, stride_n, stride_k, pid - x_programs, k_programs,
+                    DO_K, DO_N, RCEIL, W_BF16, HW_CVT, BK)
 
 
 @triton.jit

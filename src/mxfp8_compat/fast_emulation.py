@@ -58,11 +58,11 @@ __all__ = [
     "fast_fake_quantize_grouped_rows",
 ]
 
-# Launch parameters (memory-bound kernels; see benchmarks/emulation_speed.py).
-QUANT_BLOCKS = 64  # 32-element blocks per program of the contiguous quantiser
+# Launch parameters (memory-bound kernels; measured on an H100 by benchmarks/emulation_speed.py
+# --sweep: every setting within 3% of the best at the large shapes, about 2.9 TB/s).
+QUANT_BLOCKS = 64  # 32-element blocks per program of an activation
+WEIGHT_BK = 128  # K columns per program of the weight (times 32 rows of N)
 QUANT_WARPS = 4
-WEIGHT_BK = 128  # K columns per program of the weight quantiser (32 N rows)
-WEIGHT_WARPS = 4
 ROWS_BC = 128  # columns per program of the grouped-rows quantiser (32 rows)
 ROWS_WARPS = 4
 ZERO_BLOCK = 4096  # the zeroing kernel's program covers ZERO_BLOCK * ZERO_ITERS elements
@@ -129,12 +129,12 @@ def _hw_cvt(device_type: str, index: Optional[int]) -> bool:
 
 
 class _Launch:
-    """How to launch on ``x``'s device: the kernels, the conversion path, the launch options."""
+    """How to launch on ``device``: the kernels, the conversion path, the launch options."""
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.interpret = x.device.type != "cuda"
+    def __init__(self, device: torch.device) -> None:
+        self.interpret = device.type != "cuda"
         self.k = _kernels(self.interpret)
-        self.hw = USE_HW_CVT and not self.interpret and _hw_cvt(x.device.type, x.device.index)
+        self.hw = USE_HW_CVT and not self.interpret and _hw_cvt(device.type, device.index)
         # No FMA contraction: every rounding happens where the reference's does.
         self.options = {} if self.interpret else {"enable_fp_fusion": False}
 
@@ -151,63 +151,82 @@ def _check_dtype(x: torch.Tensor) -> None:
         raise TypeError(f"expected bfloat16 or float32, got {x.dtype}")
 
 
+def _quantize(
+    x: Optional[torch.Tensor], w: Optional[torch.Tensor], scale_mode: str, along_k: bool, along_n: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch that fake-quantises an activation and/or a weight into bf16.
+
+    ``x``: contiguous, last dimension a multiple of 32, blocks along it; returns ``y`` like x.
+    ``w``: a weight (E, K, N); returns ``wk`` and ``wn``, contiguous (E, N, K): w^T quantised
+    along K (seen as (E, K, N) it is per-group column-major, the layout of the reference's
+    ``mx_fake_quantize(B, dim=1)``) and along N (the reference's
+    ``mx_fake_quantize(B, dim=2).transpose(-2, -1).contiguous()``), each only if asked for,
+    reading w once. Whatever is not computed is returned empty.
+    """
+    device = (x if x is not None else w).device  # type: ignore[union-attr]
+    empty = torch.empty(0, dtype=torch.bfloat16, device=device)
+    y, wk, wn = empty, empty, empty
+    x_programs = w_programs = k_programs = 0
+    N = K = stride_e = stride_n = stride_k = 0
+    x_bf16 = w_bf16 = True
+    if x is not None:
+        _check_dtype(x)
+        y = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+        x_programs = triton_cdiv(x.numel() // BLOCK_SIZE, QUANT_BLOCKS)
+        x_bf16 = x.dtype == torch.bfloat16
+    if w is not None and (along_k or along_n):
+        _check_dtype(w)
+        E, K, N = w.shape
+        if along_k:
+            wk = torch.empty((E, N, K), dtype=torch.bfloat16, device=device)
+        if along_n:
+            wn = torch.empty((E, N, K), dtype=torch.bfloat16, device=device)
+        k_programs = triton_cdiv(K, WEIGHT_BK)
+        w_programs = E * (N // BLOCK_SIZE) * k_programs
+        w_bf16 = w.dtype == torch.bfloat16
+    if x_programs + w_programs == 0:
+        return y, wk, wn
+    launch = _Launch(device)
+    w_t = launch.src(w.transpose(-2, -1)) if w_programs else empty  # type: ignore[union-attr]
+    if w_programs:
+        stride_e, stride_n, stride_k = w_t.stride()
+    launch.k.quantize_kernel[(x_programs + w_programs,)](
+        launch.src(x) if x_programs else empty,  # type: ignore[arg-type]
+        launch.dst(y),
+        y.numel() // BLOCK_SIZE,
+        x_programs,
+        w_t,
+        launch.dst(wk),
+        launch.dst(wn),
+        N,
+        K,
+        stride_e,
+        stride_n,
+        stride_k,
+        k_programs,
+        RCEIL=scale_mode == ScaleMode.RCEIL.value,
+        X_BF16=x_bf16,
+        W_BF16=w_bf16,
+        DO_K=bool(w_programs) and along_k,
+        DO_N=bool(w_programs) and along_n,
+        HW_CVT=launch.hw,
+        BLOCKS=QUANT_BLOCKS,
+        BK=WEIGHT_BK,
+        num_warps=QUANT_WARPS,
+        **launch.options,
+    )
+    return y, wk, wn
+
+
 def _quantize_contiguous(x: torch.Tensor, scale_mode: str) -> torch.Tensor:
     """Fake-quantise a contiguous ``x`` along its last dimension (a multiple of 32) into bf16."""
-    _check_dtype(x)
-    y = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
-    n_blocks = x.numel() // BLOCK_SIZE
-    if n_blocks:
-        launch = _Launch(x)
-        launch.k.quantize_blocks_kernel[(triton_cdiv(n_blocks, QUANT_BLOCKS),)](
-            launch.src(x),
-            launch.dst(y),
-            n_blocks,
-            RCEIL=scale_mode == ScaleMode.RCEIL.value,
-            IN_BF16=x.dtype == torch.bfloat16,
-            HW_CVT=launch.hw,
-            BLOCKS=QUANT_BLOCKS,
-            num_warps=QUANT_WARPS,
-            **launch.options,
-        )
-    return y
+    return _quantize(x, None, scale_mode, False, False)[0]
 
 
 def _quantize_weight(B: torch.Tensor, scale_mode: str, along_k: bool, along_n: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fake-quantise B (E, K, N) along K and/or along N, reading it once.
-
-    Returns two contiguous (E, N, K) tensors (an empty one for an orientation not asked
-    for): B_t quantised along K (seen as (E, K, N) it is per-group column-major, the layout
-    of the reference's ``mx_fake_quantize(B, dim=1)``) and along N (the reference's
-    ``mx_fake_quantize(B, dim=2).transpose(-2, -1).contiguous()``).
-    """
-    _check_dtype(B)
-    E, K, N = B.shape
-    B_t = B.transpose(-2, -1)
-    empty = torch.empty(0, dtype=torch.bfloat16, device=B.device)
-    yk = torch.empty((E, N, K), dtype=torch.bfloat16, device=B.device) if along_k else empty
-    yn = torch.empty((E, N, K), dtype=torch.bfloat16, device=B.device) if along_n else empty
-    if B.numel() and (along_k or along_n):
-        launch = _Launch(B)
-        src = launch.src(B_t)
-        launch.k.quantize_weight_kernel[(triton_cdiv(K, WEIGHT_BK), N // BLOCK_SIZE, E)](
-            src,
-            launch.dst(yk),
-            launch.dst(yn),
-            N,
-            K,
-            src.stride(0),
-            src.stride(1),
-            src.stride(2),
-            DO_K=along_k,
-            DO_N=along_n,
-            RCEIL=scale_mode == ScaleMode.RCEIL.value,
-            IN_BF16=B.dtype == torch.bfloat16,
-            HW_CVT=launch.hw,
-            BK=WEIGHT_BK,
-            num_warps=WEIGHT_WARPS,
-            **launch.options,
-        )
-    return yk, yn
+    """Fake-quantise B (E, K, N) along K and/or along N, reading it once (see :func:`_quantize`)."""
+    _, wk, wn = _quantize(None, B, scale_mode, along_k, along_n)
+    return wk, wn
 
 
 def _quantize_grouped_rows(x: torch.Tensor, offs: torch.Tensor, scale_mode: str) -> torch.Tensor:
@@ -217,7 +236,7 @@ def _quantize_grouped_rows(x: torch.Tensor, offs: torch.Tensor, scale_mode: str)
     E = offs.shape[0]
     y = torch.empty((M, C), dtype=torch.bfloat16, device=x.device)
     if x.numel() and E:
-        launch = _Launch(x)
+        launch = _Launch(x.device)
         row_blocks = triton_cdiv(M, BLOCK_SIZE)
         n_block_programs = row_blocks + E  # at most one short block per group beyond M / 32
         launch.k.quantize_grouped_rows_kernel[(n_block_programs + row_blocks, triton_cdiv(C, ROWS_BC))](
@@ -244,7 +263,7 @@ def _zero_unused(grad_A: torch.Tensor, grad_B: torch.Tensor, offs: torch.Tensor)
     E, K, N = grad_B.shape
     if not E or not (grad_A.numel() or grad_B.numel()):
         return
-    launch = _Launch(grad_A)
+    launch = _Launch(grad_A.device)
     # The arithmetic path sees bf16 through int16 views (zero is zero either way).
     gA = grad_A.view(torch.int16) if (grad_A.dtype == torch.bfloat16 and launch.interpret) else grad_A
     gB = grad_B.view(torch.int16) if (grad_B.dtype == torch.bfloat16 and launch.interpret) else grad_B
@@ -296,6 +315,59 @@ def fast_fake_quantize_grouped_rows(
 
 
 # --- the differentiable GEMM ---------------------------------------------------------------
+#
+# The math lives in _forward_impl / _backward_impl. Eager calls reach them through a plain
+# torch.autograd.Function (a custom op's dispatch costs tens of microseconds a call, which
+# small GEMMs notice); under torch.compile the same functions are wrapped as custom ops, which
+# the compiler treats as opaque (no graph break, no retracing of the kernels).
+
+
+def _forward_impl(
+    A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, scale_mode: str, keep_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = q_K(A) @ q_K(B) per group; also B quantised along N (for backward) when ``keep_weight``."""
+    A_q, B_k, B_n = _quantize(A.contiguous(), B, scale_mode, along_k=True, along_n=keep_weight)
+    return grouped_mm_highprec(A_q, B_k.transpose(-2, -1), offs, out_dtype), B_n
+
+
+def _backward_impl(
+    grad_out: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    B_n: torch.Tensor,
+    offs: torch.Tensor,
+    scale_mode: str,
+    wgrad_with_hp: bool,
+    have_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dA = q_N(dY) @ q_N(B)^T; dB = A^T @ dY (``wgrad_with_hp``) or q_M(A)^T @ q_M(dY), per group."""
+    grad_q, _, requantized = _quantize(grad_out, None if have_weight else B, scale_mode, False, True)
+    grad_A = dgrad_gemm(grad_q, B_n if have_weight else requantized, offs, A.dtype)
+    if wgrad_with_hp:
+        A_w, grad_w = A, grad_out
+    else:
+        A_w = _quantize_grouped_rows(A, offs, scale_mode)
+        grad_w = _quantize_grouped_rows(grad_out, offs, scale_mode)
+    grad_B = wgrad_gemm(A_w, grad_w, offs, B.shape[0], B.dtype)
+    _zero_unused(grad_A, grad_B, offs)
+    return grad_A, grad_B
+
+
+class _FastMXFP8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, B, offs, out_dtype, scale_mode, wgrad_with_hp, keep_weight):  # type: ignore[override]
+        out, B_n = _forward_impl(A, B, offs, out_dtype, scale_mode, keep_weight)
+        ctx.save_for_backward(A, B, B_n, offs)
+        ctx.scale_mode, ctx.wgrad_with_hp, ctx.keep_weight = scale_mode, wgrad_with_hp, keep_weight
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        A, B, B_n, offs = ctx.saved_tensors
+        grad_A, grad_B = _backward_impl(
+            grad_out.contiguous(), A, B, B_n, offs, ctx.scale_mode, ctx.wgrad_with_hp, ctx.keep_weight
+        )
+        return grad_A, grad_B, None, None, None, None, None
 
 
 @torch.library.custom_op("mxfp8_compat::fast_mxfp8_forward", mutates_args=())
@@ -308,10 +380,7 @@ def _fast_forward(
     wgrad_with_hp: bool,
     keep_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out = q_K(A) @ q_K(B) per group; also B quantised along N (for backward) when ``keep_weight``."""
-    A_q = _quantize_contiguous(A.contiguous(), scale_mode)
-    B_k, B_n = _quantize_weight(B, scale_mode, along_k=True, along_n=keep_weight)
-    return grouped_mm_highprec(A_q, B_k.transpose(-2, -1), offs, out_dtype), B_n
+    return _forward_impl(A, B, offs, out_dtype, scale_mode, keep_weight)
 
 
 @_fast_forward.register_fake
@@ -332,19 +401,7 @@ def _fast_backward(
     wgrad_with_hp: bool,
     have_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dA = q_N(dY) @ q_N(B)^T; dB = A^T @ dY (``wgrad_with_hp``) or q_M(A)^T @ q_M(dY), per group."""
-    grad_q = _quantize_contiguous(grad_out, scale_mode)
-    if not have_weight:
-        _, B_n = _quantize_weight(B, scale_mode, along_k=False, along_n=True)
-    grad_A = dgrad_gemm(grad_q, B_n, offs, A.dtype)
-    if wgrad_with_hp:
-        A_w, grad_w = A, grad_out
-    else:
-        A_w = _quantize_grouped_rows(A, offs, scale_mode)
-        grad_w = _quantize_grouped_rows(grad_out, offs, scale_mode)
-    grad_B = wgrad_gemm(A_w, grad_w, offs, B.shape[0], B.dtype)
-    _zero_unused(grad_A, grad_B, offs)
-    return grad_A, grad_B
+    return _backward_impl(grad_out, A, B, B_n, offs, scale_mode, wgrad_with_hp, have_weight)
 
 
 @_fast_backward.register_fake
@@ -357,11 +414,14 @@ def _setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     _, B_n = output
     ctx.save_for_backward(A, B, B_n, offs)
     ctx.mark_non_differentiable(B_n)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for B_n (a full bf16 copy of B)
     ctx.scale_mode, ctx.wgrad_with_hp, ctx.keep_weight = scale_mode, wgrad_with_hp, keep_weight
 
 
 def _backward(ctx, grad_out, _grad_B_n):  # type: ignore[no-untyped-def]
     A, B, B_n, offs = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None
     grad_A, grad_B = _fast_backward(
         grad_out.contiguous(), A, B, B_n, offs, ctx.scale_mode, ctx.wgrad_with_hp, ctx.keep_weight
     )
@@ -369,6 +429,12 @@ def _backward(ctx, grad_out, _grad_B_n):  # type: ignore[no-untyped-def]
 
 
 _fast_forward.register_autograd(_backward, setup_context=_setup)
+
+
+def _apply(A, B, offs, out_dtype, mode, wgrad_with_hp, keep):  # type: ignore[no-untyped-def]
+    if torch.compiler.is_compiling():
+        return _fast_forward(A, B, offs, out_dtype, mode, wgrad_with_hp, keep)[0]
+    return _FastMXFP8.apply(A, B, offs, out_dtype, mode, wgrad_with_hp, keep)
 
 
 def fast_mxfp8_grouped_mm(
@@ -390,8 +456,7 @@ def fast_mxfp8_grouped_mm(
     it until backward. No input validation: callers validate.
     """
     keep = KEEP_QUANTIZED_WEIGHT if keep_quantized_weight is None else keep_quantized_weight
-    out, _ = _fast_forward(A, B, offs, out_dtype, ScaleMode(scale_mode).value, wgrad_with_hp, keep)
-    return out
+    return _apply(A, B, offs, out_dtype, ScaleMode(scale_mode).value, wgrad_with_hp, keep)
 
 
 def fast_call(scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMMCall:
@@ -399,7 +464,6 @@ def fast_call(scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMMCall:
     mode = ScaleMode(scale_mode).value
 
     def fast_mxfp8(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        out, _ = _fast_forward(A, B_t, offs, out_dtype, mode, wgrad_with_hp, KEEP_QUANTIZED_WEIGHT)
-        return out
+        return _apply(A, B_t, offs, out_dtype, mode, wgrad_with_hp, KEEP_QUANTIZED_WEIGHT)
 
     return fast_mxfp8
