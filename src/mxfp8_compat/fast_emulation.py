@@ -234,8 +234,10 @@ def _quantize_grouped_rows(x: torch.Tensor, offs: torch.Tensor, scale_mode: str)
     _check_dtype(x)
     M, C = x.shape
     E = offs.shape[0]
+    if not E:  # no groups: every row is after the last one
+        return torch.zeros((M, C), dtype=torch.bfloat16, device=x.device)
     y = torch.empty((M, C), dtype=torch.bfloat16, device=x.device)
-    if x.numel() and E:
+    if x.numel():
         launch = _Launch(x.device)
         row_blocks = triton_cdiv(M, BLOCK_SIZE)
         n_block_programs = row_blocks + E  # at most one short block per group beyond M / 32
@@ -261,7 +263,10 @@ def _quantize_grouped_rows(x: torch.Tensor, offs: torch.Tensor, scale_mode: str)
 def _zero_unused(grad_A: torch.Tensor, grad_B: torch.Tensor, offs: torch.Tensor) -> None:
     """In place: zero grad_A's rows after offs[-1] and grad_B of empty groups (offs read on device)."""
     E, K, N = grad_B.shape
-    if not E or not (grad_A.numel() or grad_B.numel()):
+    if not E:  # no groups: every row is after the last one
+        grad_A.zero_()
+        return
+    if not (grad_A.numel() or grad_B.numel()):
         return
     launch = _Launch(grad_A.device)
     # The arithmetic path sees bf16 through int16 views (zero is zero either way).
