@@ -17,7 +17,8 @@ B (E, K, N) stored per-group column-major (``weight_relayout``) and equal token 
 Variants are interleaved round by round (clock and thermal drift hit all alike); each round
 times ``--iters`` back-to-back calls with CUDA events; the median round is reported. Options:
 ``--sweep`` times the quantisation kernels alone over a few launch configurations first and
-keeps the fastest; ``--profile`` prints the fast variant's kernels (time, bytes moved, achieved
+keeps the fastest; ``--graphs`` also times each variant replayed from a CUDA graph (device time
+without host overhead, which dominates small shapes); ``--profile`` prints the fast variant's kernels (time, bytes moved, achieved
 bandwidth or TFLOP/s); ``--check`` compares the fast variant with the reference bit for bit at
 each shape. Nothing here is asserted: pytest never times anything.
 """
@@ -123,6 +124,29 @@ def time_shape(shape, fns: dict[str, Callable], device: str, iters: int, rounds:
     return {name: statistics.median(times) for name, times in per_round.items()}
 
 
+def graphed_ms(fn: Callable, shape, device: str, iters: int, rounds: int) -> Optional[float]:
+    """Milliseconds per fwd+bwd replayed from a CUDA graph: device time without host overhead
+    (None where the call cannot be captured)."""
+    A, B, offs, grad = make_inputs(*shape, device)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fwd_bwd(fn, A, B, offs, grad)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fwd_bwd(fn, A, B, offs, grad)
+    except Exception as error:  # noqa: BLE001
+        print(f"not capturable: {type(error).__name__}: {str(error)[:200]}")
+        torch.cuda.synchronize()
+        return None
+    timer = Timer(device)
+    graph.replay()
+    return statistics.median(timer(graph.replay, iters) for _ in range(rounds))
+
+
 def check_bitwise(shape, device: str) -> dict[str, bool]:
     A, B, offs, grad = make_inputs(*shape, device)
     got = fwd_bwd(lambda *a: fast.fast_mxfp8_grouped_mm(*a, torch.bfloat16, "rceil", True), A, B, offs, grad)
@@ -226,6 +250,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--graphs", action="store_true", help="also time CUDA-graph replays (device time, no host overhead)")
     parser.add_argument("--cpu-profile", default=None, help="E,M,K,N: cProfile the fast variant's host time there")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -256,6 +281,13 @@ def main() -> None:
         if "torchao" in ms:
             row["torchao_vs_fast"] = round(ms["torchao"] / ms["fast"], 2)
             row["torchao_vs_bf16"] = round(ms["torchao"] / ms["bf16"], 2)
+        if args.graphs and args.device.startswith("cuda"):
+            for name in ("bf16", "fast", "torchao"):
+                if name in fns:
+                    graph_ms = graphed_ms(fns[name], shape, args.device, args.iters, args.rounds)
+                    row[f"{name}_graph_ms"] = None if graph_ms is None else round(graph_ms, 4)
+            if row.get("fast_graph_ms") and row.get("bf16_graph_ms"):
+                row["fast_vs_bf16_graph"] = round(row["fast_graph_ms"] / row["bf16_graph_ms"], 3)
         if args.check:
             row["bitwise_vs_reference"] = check_bitwise(shape, args.device)
         if args.profile and args.device.startswith("cuda"):
@@ -271,6 +303,17 @@ def main() -> None:
             f"| {', '.join(map(str, row['shape']))} | {row['bf16_ms']:.3f} | {row['fast_ms']:.3f} | {row['fast_vs_bf16']:.2f}x "
             f"| {row['fast_requant_vs_bf16']:.2f}x | {row.get('torchao_ms', float('nan')):.3f} | {row.get('torchao_vs_fast', float('nan')):.1f}x |"
         )
+    if any("fast_vs_bf16_graph" in row for row in table):
+        print()
+        print("CUDA-graph replay (device time, no host overhead):")
+        print("| E, M, K, N | bf16 ms | fast ms | fast / bf16 | torchao ms |")
+        print("|---|---|---|---|---|")
+        for row in table:
+            ao = row.get("torchao_graph_ms")
+            print(
+                f"| {', '.join(map(str, row['shape']))} | {row.get('bf16_graph_ms')} | {row.get('fast_graph_ms')} "
+                f"| {row.get('fast_vs_bf16_graph')}x | {ao if ao is not None else 'not capturable'} |"
+            )
     if args.cpu_profile:
         shape = tuple(int(v) for v in args.cpu_profile.split(","))
         report["cpu_profile"] = cpu_profile(shape, args.device, fns["fast"])

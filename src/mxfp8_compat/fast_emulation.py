@@ -128,15 +128,22 @@ def _hw_cvt(device_type: str, index: Optional[int]) -> bool:
     return device_type == "cuda" and torch.cuda.get_device_capability(index) >= (8, 9)
 
 
+_RCEIL = ScaleMode.RCEIL.value
+
+
 class _Launch:
     """How to launch on ``device``: the kernels, the conversion path, the launch options."""
 
     def __init__(self, device: torch.device) -> None:
         self.interpret = device.type != "cuda"
         self.k = _kernels(self.interpret)
-        self.hw = USE_HW_CVT and not self.interpret and _hw_cvt(device.type, device.index)
+        self._hw_capable = not self.interpret and _hw_cvt(device.type, device.index)
         # No FMA contraction: every rounding happens where the reference's does.
         self.options = {} if self.interpret else {"enable_fp_fusion": False}
+
+    @property
+    def hw(self) -> bool:
+        return USE_HW_CVT and self._hw_capable
 
     def src(self, x: torch.Tensor) -> torch.Tensor:
         """bf16 inputs are read through an int16 view on the arithmetic path."""
@@ -146,6 +153,16 @@ class _Launch:
         return y if self.hw else y.view(torch.int16)
 
 
+_launches: dict[torch.device, _Launch] = {}
+
+
+def _launch(device: torch.device) -> _Launch:
+    launch = _launches.get(device)
+    if launch is None:
+        launch = _launches[device] = _Launch(device)
+    return launch
+
+
 def _check_dtype(x: torch.Tensor) -> None:
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"expected bfloat16 or float32, got {x.dtype}")
@@ -153,7 +170,7 @@ def _check_dtype(x: torch.Tensor) -> None:
 
 def _quantize(
     x: Optional[torch.Tensor], w: Optional[torch.Tensor], scale_mode: str, along_k: bool, along_n: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One launch that fake-quantises an activation and/or a weight into bf16.
 
     ``x``: contiguous, last dimension a multiple of 32, blocks along it; returns ``y`` like x.
@@ -161,54 +178,51 @@ def _quantize(
     along K (seen as (E, K, N) it is per-group column-major, the layout of the reference's
     ``mx_fake_quantize(B, dim=1)``) and along N (the reference's
     ``mx_fake_quantize(B, dim=2).transpose(-2, -1).contiguous()``), each only if asked for,
-    reading w once. Whatever is not computed is returned empty.
+    reading w once. Whatever is not computed is None.
     """
-    device = (x if x is not None else w).device  # type: ignore[union-attr]
-    empty = torch.empty(0, dtype=torch.bfloat16, device=device)
-    y, wk, wn = empty, empty, empty
+    y = wk = wn = None
     x_programs = w_programs = k_programs = 0
     N = K = stride_e = stride_n = stride_k = 0
-    x_bf16 = w_bf16 = True
     if x is not None:
         _check_dtype(x)
-        y = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+        y = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
         x_programs = triton_cdiv(x.numel() // BLOCK_SIZE, QUANT_BLOCKS)
-        x_bf16 = x.dtype == torch.bfloat16
     if w is not None and (along_k or along_n):
         _check_dtype(w)
         E, K, N = w.shape
         if along_k:
-            wk = torch.empty((E, N, K), dtype=torch.bfloat16, device=device)
+            wk = torch.empty((E, N, K), dtype=torch.bfloat16, device=w.device)
         if along_n:
-            wn = torch.empty((E, N, K), dtype=torch.bfloat16, device=device)
+            wn = torch.empty((E, N, K), dtype=torch.bfloat16, device=w.device)
         k_programs = triton_cdiv(K, WEIGHT_BK)
         w_programs = E * (N // BLOCK_SIZE) * k_programs
-        w_bf16 = w.dtype == torch.bfloat16
     if x_programs + w_programs == 0:
         return y, wk, wn
-    launch = _Launch(device)
-    w_t = launch.src(w.transpose(-2, -1)) if w_programs else empty  # type: ignore[union-attr]
+    # Arguments a launch does not use point at tensors it does use (never dereferenced).
+    some_out = y if y is not None else (wk if wk is not None else wn)
+    launch = _launch((x if x is not None else w).device)  # type: ignore[union-attr]
+    w_t = launch.src(w.transpose(-2, -1)) if w_programs else launch.src(x)  # type: ignore[union-attr]
     if w_programs:
         stride_e, stride_n, stride_k = w_t.stride()
     launch.k.quantize_kernel[(x_programs + w_programs,)](
-        launch.src(x) if x_programs else empty,  # type: ignore[arg-type]
-        launch.dst(y),
-        y.numel() // BLOCK_SIZE,
+        launch.src(x) if x_programs else w_t,  # type: ignore[arg-type]
+        launch.dst(y if y is not None else some_out),
+        x.numel() // BLOCK_SIZE if x_programs else 0,  # type: ignore[union-attr]
         x_programs,
         w_t,
-        launch.dst(wk),
-        launch.dst(wn),
+        launch.dst(wk if wk is not None else some_out),
+        launch.dst(wn if wn is not None else some_out),
         N,
         K,
         stride_e,
         stride_n,
         stride_k,
         k_programs,
-        RCEIL=scale_mode == ScaleMode.RCEIL.value,
-        X_BF16=x_bf16,
-        W_BF16=w_bf16,
-        DO_K=bool(w_programs) and along_k,
-        DO_N=bool(w_programs) and along_n,
+        RCEIL=scale_mode == _RCEIL,
+        X_BF16=(x if x_programs else w).dtype == torch.bfloat16,  # type: ignore[union-attr]
+        W_BF16=(w if w_programs else x).dtype == torch.bfloat16,  # type: ignore[union-attr]
+        DO_K=wk is not None,
+        DO_N=wn is not None,
         HW_CVT=launch.hw,
         BLOCKS=QUANT_BLOCKS,
         BK=WEIGHT_BK,
@@ -220,13 +234,15 @@ def _quantize(
 
 def _quantize_contiguous(x: torch.Tensor, scale_mode: str) -> torch.Tensor:
     """Fake-quantise a contiguous ``x`` along its last dimension (a multiple of 32) into bf16."""
-    return _quantize(x, None, scale_mode, False, False)[0]
+    return _quantize(x, None, scale_mode, False, False)[0]  # type: ignore[return-value]
 
 
 def _quantize_weight(B: torch.Tensor, scale_mode: str, along_k: bool, along_n: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fake-quantise B (E, K, N) along K and/or along N, reading it once (see :func:`_quantize`)."""
+    """Fake-quantise B (E, K, N) along K and/or along N, reading it once (see :func:`_quantize`);
+    an orientation not asked for comes back empty."""
     _, wk, wn = _quantize(None, B, scale_mode, along_k, along_n)
-    return wk, wn
+    empty = B.new_empty(0, dtype=torch.bfloat16)
+    return (wk if wk is not None else empty), (wn if wn is not None else empty)
 
 
 def _quantize_grouped_rows(x: torch.Tensor, offs: torch.Tensor, scale_mode: str) -> torch.Tensor:
@@ -238,7 +254,7 @@ def _quantize_grouped_rows(x: torch.Tensor, offs: torch.Tensor, scale_mode: str)
         return torch.zeros((M, C), dtype=torch.bfloat16, device=x.device)
     y = torch.empty((M, C), dtype=torch.bfloat16, device=x.device)
     if x.numel():
-        launch = _Launch(x.device)
+        launch = _launch(x.device)
         row_blocks = triton_cdiv(M, BLOCK_SIZE)
         n_block_programs = row_blocks + E  # at most one short block per group beyond M / 32
         launch.k.quantize_grouped_rows_kernel[(n_block_programs + row_blocks, triton_cdiv(C, ROWS_BC))](
@@ -249,7 +265,7 @@ def _quantize_grouped_rows(x: torch.Tensor, offs: torch.Tensor, scale_mode: str)
             C,
             E,
             n_block_programs,
-            RCEIL=scale_mode == ScaleMode.RCEIL.value,
+            RCEIL=scale_mode == _RCEIL,
             IN_BF16=x.dtype == torch.bfloat16,
             HW_CVT=launch.hw,
             E_PAD=_pow2(E),
@@ -268,7 +284,7 @@ def _zero_unused(grad_A: torch.Tensor, grad_B: torch.Tensor, offs: torch.Tensor)
         return
     if not (grad_A.numel() or grad_B.numel()):
         return
-    launch = _Launch(grad_A.device)
+    launch = _launch(grad_A.device)
     # The arithmetic path sees bf16 through int16 views (zero is zero either way).
     gA = grad_A.view(torch.int16) if (grad_A.dtype == torch.bfloat16 and launch.interpret) else grad_A
     gB = grad_B.view(torch.int16) if (grad_B.dtype == torch.bfloat16 and launch.interpret) else grad_B
@@ -329,17 +345,17 @@ def fast_fake_quantize_grouped_rows(
 
 def _forward_impl(
     A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, scale_mode: str, keep_weight: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """out = q_K(A) @ q_K(B) per group; also B quantised along N (for backward) when ``keep_weight``."""
     A_q, B_k, B_n = _quantize(A.contiguous(), B, scale_mode, along_k=True, along_n=keep_weight)
-    return grouped_mm_highprec(A_q, B_k.transpose(-2, -1), offs, out_dtype), B_n
+    return grouped_mm_highprec(A_q, B_k.transpose(-2, -1), offs, out_dtype), B_n  # type: ignore[union-attr]
 
 
 def _backward_impl(
     grad_out: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    B_n: torch.Tensor,
+    B_n: Optional[torch.Tensor],
     offs: torch.Tensor,
     scale_mode: str,
     wgrad_with_hp: bool,
@@ -385,7 +401,8 @@ def _fast_forward(
     wgrad_with_hp: bool,
     keep_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(A, B, offs, out_dtype, scale_mode, keep_weight)
+    out, B_n = _forward_impl(A, B, offs, out_dtype, scale_mode, keep_weight)
+    return out, (B_n if B_n is not None else B.new_empty(0, dtype=torch.bfloat16))
 
 
 @_fast_forward.register_fake
