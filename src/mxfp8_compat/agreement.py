@@ -23,7 +23,9 @@ What was established by reading the wheels and measuring (CPU, torch 2.9 to 2.12
   gradient as ``(G_q^T @ A_q)^T``), while the reference computes the input gradient with a
   float32 GEMM (``grouped_mm_highprec(..., float32)``, on the CPU an upcast to float32 since
   torch's CPU kernel cannot emit float32 from bf16) and the weight gradient with a per-group
-  float32 ``torch.mm(A_q^T, G_q)``, rounding to bf16 once at the end. Both accumulate in
+  float32 ``torch.mm(A_q^T, G_q)``, rounding to bf16 once at the end (on CUDA the reference's
+  backward GEMMs are ``torch._grouped_mm`` with bf16 output too, in its own operand order:
+  ``G_q @ W_q`` with ``W_q`` contiguous, ``A_q^T @ G_q``). Both accumulate in
   float32, in a different order, so the bf16 results can differ by an ulp, more where an
   output nearly cancels. Whether they differ depends on the CPU kernels' blocking: on the
   default problem here they do not; on larger ones they do.
@@ -244,13 +246,17 @@ def _explain(name: str, key: str, wgrad_with_hp: bool, variant_equal: bool, rati
     elif name == "grad_A":
         how_torchao = "torch._grouped_mm(G_q, W_q, out_dtype=bf16) with W_q an (E, N, K) column-major view"
         how_reference = (
-            "reference._reference_backward: grouped_mm_highprec(G_q, W_q.contiguous(), float32) "
-            "(float32 GEMM, on the CPU after an exact upcast) then .to(bf16)"
+            "reference.dgrad_gemm: on CUDA torch._grouped_mm(G_q, W_q.contiguous()) with bf16 output; elsewhere "
+            "grouped_mm_highprec(G_q, W_q.contiguous(), float32) (float32 GEMM, on the CPU after an exact upcast) "
+            "then .to(bf16)"
         )
     else:
         operands = "G^T, A (bf16, unquantised)" if wgrad_with_hp else "G_q^T, A_q"
         how_torchao = f"torch._grouped_mm({operands}, out_dtype=bf16) -> (E, N, K), transposed"
-        how_reference = "reference._reference_backward: per-group float32 torch.mm(A^T, G) -> (K, N), then .to(bf16)"
+        how_reference = (
+            "reference.wgrad_gemm: on CUDA torch._grouped_mm(A^T, G) -> (E, K, N) with bf16 output; elsewhere "
+            "per-group float32 torch.mm(A^T, G) -> (K, N), then .to(bf16)"
+        )
     site = _TORCHAO_SITES.get(key, {}).get(name, "its emulated GEMM")
     within = "within" if ratio <= 1.0 else "OUTSIDE"
     return (

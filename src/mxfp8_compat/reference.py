@@ -31,7 +31,10 @@ Precision of the GEMMs: quantised operands are dequantised into bfloat16 (exactl
 e4m3 value times a power of two always fits bf16) and multiplied by
 ``torch._grouped_mm`` with float32 accumulation, as torchao's emulated kernels do; the
 output is bitwise torchao's, the gradients equal it up to float32 summation order (see
-:mod:`mxfp8_compat.agreement`).
+:mod:`mxfp8_compat.agreement`). The backward GEMMs (:func:`dgrad_gemm`, :func:`wgrad_gemm`)
+are shared with :mod:`mxfp8_compat.fast_emulation`, whose fused quantisers make it bitwise
+equal to this module; on CUDA with bf16 operands they are single ``torch._grouped_mm`` calls
+with bf16 output, so no GEMM of the reference reads ``offs`` on the host there.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ __all__ = [
     "grouped_mm_float64",
     "mxfp8_grouped_mm_reference",
     "grouped_mm_fallback",
+    "dgrad_gemm",
+    "wgrad_gemm",
+    "zero_unused_grads",
     "sqnr_db",
 ]
 
@@ -296,17 +302,17 @@ def _reference_backward(
     grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, scale_mode: str, wgrad_with_hp: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dA[g] = q_N(dY[g]) @ q_N(B[e])^T (blocks along N); dB[e] = q_M(A[g])^T @ q_M(dY[g]) (blocks
-    along the group's tokens), or in high precision with ``wgrad_with_hp``."""
+    along the group's tokens), or in high precision with ``wgrad_with_hp``. Rows after
+    ``offs[-1]`` get a zero input gradient, empty groups a zero weight gradient."""
     grad_q = mx_fake_quantize(grad_out, dim=-1, scale_mode=scale_mode)
     B_q = mx_fake_quantize(B, dim=2, scale_mode=scale_mode)
-    grad_A = grouped_mm_highprec(grad_q, B_q.transpose(-2, -1).contiguous(), offs, torch.float32).to(A.dtype)
-    grad_A = _zero_rows_after_last_group(grad_A, offs)
+    grad_A = dgrad_gemm(grad_q, B_q.transpose(-2, -1).contiguous(), offs, A.dtype)
     if wgrad_with_hp:
         A_w, grad_w = A, grad_out
     else:
         A_w = mx_fake_quantize_grouped_rows(A, offs, scale_mode)
         grad_w = mx_fake_quantize_grouped_rows(grad_out, offs, scale_mode)
-    return grad_A, _weight_grad(A_w, grad_w, offs, B.shape[0]).to(B.dtype)
+    return zero_unused_grads(grad_A, wgrad_gemm(A_w, grad_w, offs, B.shape[0], B.dtype), offs)
 
 
 @_reference_backward.register_fake
@@ -320,6 +326,55 @@ def _zero_rows_after_last_group(x: torch.Tensor, offs: torch.Tensor) -> torch.Te
         return torch.zeros_like(x)
     rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
     return torch.where(rows < offs[-1].to(torch.int64), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _sync_free_bf16_gemm(*tensors: torch.Tensor) -> bool:
+    """Whether the backward GEMMs of these operands run as one bf16 ``torch._grouped_mm``.
+
+    On CUDA, a float32 result from ``torch._grouped_mm`` takes torch's per-group fallback
+    (which reads ``offs`` on the host: a device sync), so where the gradient is bf16 anyway
+    the GEMM emits bf16 itself: float32 accumulation rounded once, as torchao's emulation does.
+    """
+    first = tensors[0]
+    return (
+        first.is_cuda
+        and all(t.dtype == torch.bfloat16 for t in tensors)
+        and grouped_mm_support(first.device.type, torch.bfloat16)[0]
+    )
+
+
+def dgrad_gemm(grad_q: torch.Tensor, B_q_t: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dA[g] = grad_q[g] @ B_q_t[e] with B_q_t (E, N, K) contiguous, float32 accumulation, in ``dtype``.
+
+    Rows after ``offs[-1]`` are unspecified (see :func:`zero_unused_grads`). Shared by the
+    reference and :mod:`mxfp8_compat.fast_emulation`, which are bitwise equal through it.
+    """
+    if dtype == torch.bfloat16 and _sync_free_bf16_gemm(grad_q, B_q_t):
+        return torch._grouped_mm(grad_q, B_q_t, offs=offs)
+    return grouped_mm_highprec(grad_q, B_q_t, offs, torch.float32).to(dtype)
+
+
+def wgrad_gemm(A: torch.Tensor, grad_out: torch.Tensor, offs: torch.Tensor, experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """dB[e] = A[g]^T @ grad_out[g] per group, float32 accumulation, in ``dtype``.
+
+    On CUDA with bf16 operands and result, one 2D x 2D ``torch._grouped_mm`` (no device
+    sync); elsewhere a per-group float32 loop. Empty groups' gradients are unspecified (see
+    :func:`zero_unused_grads`). Shared with :mod:`mxfp8_compat.fast_emulation`.
+    """
+    if dtype == torch.bfloat16 and _sync_free_bf16_gemm(A, grad_out):
+        return torch._grouped_mm(A.t(), grad_out, offs=offs)
+    return _weight_grad(A, grad_out, offs, experts).to(dtype)
+
+
+def zero_unused_grads(grad_A: torch.Tensor, grad_B: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the input gradient of rows after ``offs[-1]`` and the weight gradient of empty groups.
+
+    Reads ``offs`` on the device (no sync). Those rows take no part in the GEMM; the weight
+    gradient of a group without tokens is zero.
+    """
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+    grad_B = torch.where((sizes > 0).view(-1, 1, 1), grad_B, torch.zeros((), dtype=grad_B.dtype, device=grad_B.device))
+    return _zero_rows_after_last_group(grad_A, offs), grad_B
 
 
 def _weight_grad(A: torch.Tensor, grad_out: torch.Tensor, offs: torch.Tensor, experts: int) -> torch.Tensor:
