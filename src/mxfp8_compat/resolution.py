@@ -22,9 +22,10 @@ import torch
 from . import probes
 from .backends import GroupedMM, log_once, make_bf16, make_mxfp8, reference_call
 from .errors import MXFP8Unavailable
+from .fast_emulation import fast_call, fast_emulation_problem
 from .generations import Generation
 from .isolation import ISOLATE_ENV_VAR, isolated_problem
-from .reference import DEFAULT_SCALE_MODE, grouped_mm_support
+from .reference import DEFAULT_SCALE_MODE, ScaleMode, grouped_mm_support
 
 __all__ = ["Mode", "Backend", "Resolution", "resolve", "reset", "normalise_mode", "normalise_device", "MODE_ENV_VAR"]
 
@@ -49,7 +50,8 @@ class Resolution:
             the mode's preferred path was taken.
         mode: the mode that was resolved.
         smoke_sqnr_db: output SQNR (dB) of the smoke run of the chosen MXFP8 path, if any.
-        emulation: for ``mxfp8-emulated``, ``"torchao"`` or ``"reference"``.
+        emulation: for ``mxfp8-emulated``, ``"fast"`` (mxfp8_compat's Triton quantisers, CUDA), ``"torchao"`` or
+            ``"reference"``.
         group_alignment: the multiple of rows every token group (and M) needs for ``fn`` to
             pad nothing: 1 for bf16 and the reference, 32 for torchao's MXFP8 paths, 128
             for 0.18+'s native kernel. Any group sizes work; a dispatcher that pads to this
@@ -368,9 +370,48 @@ def _wgrad_notes(generation: Generation, wgrad_with_hp: bool) -> tuple[str, ...]
     return ()
 
 
+def _try_fast_emulation(ctx: _Context, scale_mode: ScaleMode, bound: object) -> Union[Resolution, tuple[str, ...]]:
+    """mxfp8_compat's fast emulation (Triton quantisers; bitwise the reference), or why not.
+
+    CUDA only: on the CPU the reference is the emulation, and nothing is said about this one.
+    """
+    if ctx.device.type != "cuda":
+        return ()
+    problem = fast_emulation_problem(ctx.device)
+    if problem is not None:
+        return (f"fast MXFP8 emulation unavailable: {problem}",)
+    fn = make_mxfp8(
+        fast_call(scale_mode, ctx.wgrad_with_hp),
+        validate=ctx.validate,
+        contiguous_grad=False,
+        group_alignment=1,
+        shape_fallback=None,
+        label="fast emulated MXFP8",
+    )
+    smoke = probes.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=ctx.wgrad_with_hp, exact=True)
+    if smoke.problem is not None:
+        return (f"mxfp8_compat's fast MXFP8 emulation failed its smoke run: {smoke.problem}",)
+    return _resolution(
+        ctx,
+        fn=fn,
+        backend="mxfp8-emulated",
+        generation=bound.generation if bound is not None else None,  # type: ignore[attr-defined]
+        reasons=ctx.torchao_reasons
+        + (f"using mxfp8_compat's fast MXFP8 emulation (Triton, {scale_mode.value.upper()} scales, bitwise the reference)",)
+        + ctx.bf16_reasons,
+        mode="emulated",
+        smoke_sqnr_db=smoke.sqnr_out_db,
+        emulation="fast",
+    )
+
+
 def _resolve_emulated(ctx: _Context) -> Resolution:
     reasons: list[str] = list(ctx.torchao_reasons)
     bound = ctx.match.bound if ctx.match else None
+    fast = _try_fast_emulation(ctx, bound.generation.scale_mode if bound is not None else DEFAULT_SCALE_MODE, bound)
+    if isinstance(fast, Resolution):
+        return fast
+    reasons.extend(fast)
     scale_mode = DEFAULT_SCALE_MODE
     if bound is not None:
         generation = bound.generation
