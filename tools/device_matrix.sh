@@ -15,10 +15,12 @@ set -u
 out=${OUT:-/tmp/out}
 work=/tmp/device-matrix
 rm -rf "$work" && mkdir -p "$work/results" "$work/logs"
-# The CPU-only, CPU-heavy files (hypothesis properties, inductor compiles, the training loop)
-# prove nothing more on this machine and would not fit the device tool's 10-minute call.
+# The CPU-only, CPU-heavy files (hypothesis properties, inductor compiles, the training loop, the
+# wheel-conformance stand-ins, the gloo multi-process suite: benchmarks/run_distributed_gpu.sh runs
+# that one on 2 GPUs) prove nothing more on this machine and would not fit the 10-minute call.
 cpu_only="--ignore=tests/test_properties.py --ignore=tests/test_compile.py --ignore=tests/test_training.py"
-runner="tools/device_matrix.sh on a GPU machine: preinstalled torch $(python3 -c 'import torch; print(torch.__version__)'), torchao wheel installed with pip --target, suite less its CPU-only property/compile/training files"
+cpu_only="$cpu_only --ignore=tests/test_wheel_conformance.py --ignore=tests/test_distributed.py"
+runner="tools/device_matrix.sh on a GPU machine: preinstalled torch $(python3 -c 'import torch; print(torch.__version__)'), torchao wheel installed with pip --target, suite less its CPU-only property/compile/training/conformance/gloo files"
 
 run_env() {  # env name, wheel glob (empty: no torchao), expected generation
     local env=$1 wheel=$2 expect=$3 site=/tmp/site-$1

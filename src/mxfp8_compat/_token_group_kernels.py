@@ -50,10 +50,10 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit(do_not_specialize=["rows", "padded_rows"])
+@triton.jit(do_not_specialize=["rows", "padded_rows", "align"])
 def _layout_kernel(
-    offs_ptr, padded_offs_ptr, source_ptr, position_ptr, n_groups, rows, padded_rows,
-    ALIGN: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
+    offs_ptr, padded_offs_ptr, source_ptr, position_ptr, n_groups, rows, padded_rows, align,
+    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     e = tl.arange(0, BLOCK_E)
     e_ok = e < n_groups
@@ -61,7 +61,7 @@ def _layout_kernel(
     previous = tl.load(offs_ptr + e - 1, mask=e_ok & (e > 0), other=0).to(tl.int64)
     sizes = tl.where(e_ok, tl.maximum(ends - previous, 0), 0)
     starts = ends - sizes
-    padded_sizes = (sizes + (ALIGN - 1)) // ALIGN * ALIGN
+    padded_sizes = (sizes + (align - 1)) // align * align
     padded_ends = tl.cumsum(padded_sizes, 0)
     padded_starts = padded_ends - padded_sizes
     pid = tl.program_id(0)
@@ -97,8 +97,8 @@ def token_group_layout(
     block_r = max(16, min(1024, 16384 // block_e))
     grid = (max(1, triton.cdiv(max(rows, padded_rows), block_r)),)
     _layout_kernel[grid](
-        offs, padded_offs, source_rows, padded_positions, groups, rows, padded_rows,
-        ALIGN=alignment, BLOCK_E=block_e, BLOCK_R=block_r, num_warps=4,
+        offs, padded_offs, source_rows, padded_positions, groups, rows, padded_rows, alignment,
+        BLOCK_E=block_e, BLOCK_R=block_r, num_warps=4,
     )
     return padded_offs, source_rows, padded_positions
 
