@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..resolution import Resolution, _normalise_mode, resolve
+from ..resolution import MODES, Resolution, resolve
 from ..token_groups import _gather, _GatherRows, token_group_padding
 
 __all__ = ["MIN_TRANSFORMERS_VERSION", "register", "experts_forward", "require_transformers"]
@@ -87,7 +87,9 @@ def register(name: str = "mxfp8", mode: Optional[str] = None) -> Callable[..., t
     """
     interface = require_transformers()
     if mode is not None:
-        mode = _normalise_mode(mode, "mode")
+        if not isinstance(mode, str) or mode.strip().lower() not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)} or None, got {mode!r}")
+        mode = mode.strip().lower()
     if not isinstance(name, str) or not name or name == "eager":
         raise ValueError(f"name: expected a non-empty experts_implementation name other than 'eager', got {name!r}")
     existing = interface._global_mapping.get(name)
