@@ -8,6 +8,8 @@ Since 5.0, transformers routes the expert GEMMs of its MoE models through one re
     model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="mxfp8")
     model.set_experts_implementation("mxfp8")    # or switch a loaded model
 
+(transformers 5.7+: earlier 5.x releases have the registry but accept only their built-in names.)
+
 The backend's forward sorts the (token, k) slots by expert as transformers' own ``grouped_mm``
 backend does, and pads every expert's group to ``Resolution.group_alignment`` rows in that
 same permutation: one row gather from ``hidden_states`` straight into the padded buffer
@@ -28,14 +30,17 @@ from importlib import metadata
 from typing import Any, Callable, Optional
 
 import torch
+from packaging.version import Version
 
 from ..resolution import MODES, Resolution, resolve
 from ..token_groups import _gather, _GatherRows, token_group_padding
 
 __all__ = ["MIN_TRANSFORMERS_VERSION", "register", "experts_forward", "require_transformers"]
 
-#: The first transformers release with ``transformers.integrations.moe.ExpertsInterface``.
-MIN_TRANSFORMERS_VERSION = "5.0.0"
+#: The first transformers release whose ``from_pretrained``/``set_experts_implementation`` accept
+#: names registered in ``transformers.integrations.moe.ExpertsInterface`` (5.0-5.6 have the
+#: registry but check a fixed list of built-in names).
+MIN_TRANSFORMERS_VERSION = "5.7.0"
 
 _REGISTERED: dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -46,6 +51,7 @@ def require_transformers() -> Any:
         installed: Optional[str] = metadata.version("transformers")
     except metadata.PackageNotFoundError:
         installed = None
+    found = None
     try:
         from transformers.integrations.moe import ExpertsInterface
     except Exception as error:  # noqa: BLE001 - missing, too old, or broken: one clear sentence
@@ -55,11 +61,20 @@ def require_transformers() -> Any:
             found = f"transformers {installed} has no transformers.integrations.moe.ExpertsInterface ({error})"
         else:
             found = f"importing transformers {installed} failed: {type(error).__name__}: {error}"
+        cause: Optional[BaseException] = error
+    else:
+        cause = None
+        if installed is not None and Version(installed) < Version(MIN_TRANSFORMERS_VERSION):
+            found = (
+                f"transformers {installed} has the registry, but its from_pretrained and set_experts_implementation "
+                "accept only the built-in names"
+            )
+    if found is not None:
         raise ImportError(
             f"mxfp8_compat.integrations.transformers needs transformers >= {MIN_TRANSFORMERS_VERSION} "
-            f"(its experts registry, transformers.integrations.moe.ExpertsInterface); {found}. "
-            f"Install it with: pip install 'transformers>={MIN_TRANSFORMERS_VERSION}'"
-        ) from error
+            f"(its experts registry, transformers.integrations.moe.ExpertsInterface, open to registered names); "
+            f"{found}. Install it with: pip install 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+        ) from cause
     return ExpertsInterface
 
 
@@ -187,7 +202,7 @@ def experts_forward(
     or ``(E, H, 2I)`` / ``(E, I, H)`` when ``is_transposed``, optional ``*_bias`` ``(E, N)``,
     ``_apply_gate`` or ``act_fn``, optional ``post_expert_norm``. ``hidden_states`` ``(T, H)``,
     ``top_k_index`` ``(T, k)`` expert ids (ids ``>= E`` are expert-parallel sentinels: they
-    contribute zero), ``top_k_weights`` ``(T, k)`` (or ``(T, E)``). Returns ``(T, H)`` in
+    contribute zero), ``top_k_weights`` ``(T, k)``. Returns ``(T, H)`` in
     ``hidden_states``' dtype.
     """
     shape = hidden_states.shape
@@ -210,8 +225,6 @@ def experts_forward(
     if slots == 0:
         return hidden_states.new_zeros(shape)
 
-    if top_k_weights.shape[-1] != top_k:  # (T, E): a router's full distribution (transformers 5.0)
-        top_k_weights = top_k_weights.reshape(tokens, -1).gather(1, top_k_index.clamp(max=experts - 1))
     routing = top_k_weights.reshape(slots, 1)
 
     # Sort the slots by expert exactly as transformers' grouped_mm backend does; sentinels sort last.
