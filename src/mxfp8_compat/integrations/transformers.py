@@ -150,9 +150,9 @@ class _GatherTokens(torch.autograd.Function):
     """``x[token]`` (zeros where ``token >= len(x)``) for a token gathered once per (token, k) slot.
 
     Backward: each token's gradient is the sum of its k slots' rows, gathered (no atomics) and
-    added in the order of the rows (ascending padded position), which is the order in which
-    ``index_put_(accumulate=True)`` (the backward of transformers' ``hidden_states[perm // k]``)
-    adds them on the CPU.
+    added in the order of the rows (ascending padded position): the order in which the backward
+    of transformers' ``hidden_states[perm // k]`` (``index_put_(accumulate=True)``) adds them on
+    the CPU under ``torch.use_deterministic_algorithms`` (without it, its threads add in any order).
     """
 
     @staticmethod
@@ -232,7 +232,8 @@ def experts_forward(
     offs = torch.searchsorted(
         sorted_ids, torch.arange(experts, device=device, dtype=sorted_ids.dtype), right=True
     ).to(torch.int32)
-    # transformers 5.18+ says when expert ids may be sentinels; earlier releases always mask.
+    # Releases with `_is_expert_parallel` (after 5.17) say when ids may be sentinels; for earlier
+    # ones, assume they may (their grouped_mm masks them always).
     sentinels = getattr(self, "_is_expert_parallel", True)
 
     # Layout of the buffer the GEMMs see (P rows): `source` is the slot each row holds (`slots`
