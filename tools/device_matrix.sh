@@ -23,6 +23,8 @@ cpu_only="$cpu_only --ignore=tests/test_wheel_conformance.py --ignore=tests/test
 # Eight envs share one GPU and its host in one call: by default only the tests that exercise the GPU
 # or the installed torchao run (MXFP8_DEVICE_TESTS="" runs the whole suite above, given time).
 select=${MXFP8_DEVICE_TESTS-"cuda or torchao"}
+# Eight pytest processes on one host: two CPU threads each, or their CPU GEMMs oversubscribe the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 runner="tools/device_matrix.sh on a GPU machine: preinstalled torch $(python3 -c 'import torch; print(torch.__version__)'), torchao wheel installed with pip --target, tests selected by -m '${select:-all}' (CPU-only files left out)"
 
 run_env() {  # env name, wheel glob (empty: no torchao), expected generation
