@@ -119,3 +119,21 @@ def run_with_grads(fn, problem: Problem, **kwargs) -> tuple[torch.Tensor, torch.
     out = fn(A, B, problem.offs, **kwargs)
     out.backward(problem.grad_out.to(out.dtype))
     return out.detach(), A.grad, B.grad
+
+
+def torch_grouped_mm(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(A, B, offs=offs) where this torch has it for the device; else skip the test.
+
+    torch 2.8 has no CPU kernel (its emulation tests run on the reference there).
+    """
+    from mxfp8_compat.reference import grouped_mm_support
+
+    if not grouped_mm_support(A.device.type, A.dtype)[0]:
+        pytest.skip(f"torch {torch.__version__} has no {A.device.type} kernel for torch._grouped_mm ({A.dtype})")
+    return torch._grouped_mm(A, B, offs=offs)
+
+
+needs_grouped_mm_on_cpu = pytest.mark.skipif(
+    not __import__("mxfp8_compat.reference", fromlist=["grouped_mm_support"]).grouped_mm_support("cpu", torch.bfloat16)[0],
+    reason=f"torch {torch.__version__} has no CPU kernel for torch._grouped_mm",
+)

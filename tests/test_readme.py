@@ -16,7 +16,7 @@ def test_readme_python_example_runs(no_torchao):
     namespace: dict = {}
     exec(compile(example, "README.md example", "exec"), namespace)  # noqa: S102 - our own README
     out, A, W = namespace["out"], namespace["A"], namespace["W"]
-    assert out.shape == (A.shape[0], W.shape[2])
+    assert out.shape == (A.shape[0], W.shape[1])  # W is stored (E, N, K)
     assert A.grad is not None and W.grad is not None and W.grad.shape == W.shape
 
 
