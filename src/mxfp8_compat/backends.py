@@ -93,7 +93,7 @@ def _bf16_call(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: 
         out = torch._grouped_mm(A, B, offs=offs)
     else:
         out = grouped_mm_fallback(A, B, offs, out_dtype)  # type: ignore[arg-type]
-    return _ContiguousGrad.apply(out) if out.requires_grad else out
+    return with_contiguous_grad(out) if out.requires_grad else out
 
 
 def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
@@ -157,7 +157,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
                 and (A.dtype is bfloat16 or A.dtype is float32)
             ):
                 out = grouped_mm(A, B, offs=offs)
-                return _ContiguousGrad.apply(out) if out.requires_grad else out
+                return with_contiguous_grad(out) if out.requires_grad else out
         except Exception as error:  # torch rejected the call: name the argument in our words
             return _retry_or_raise(error, A, B, offs, out_dtype, bias)
         check_metadata(A, B, offs, out_dtype, bias)
@@ -167,6 +167,23 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
             return _retry_or_raise(error, A, B, offs, out_dtype, bias)
 
     return dtensor_aware(bf16_grouped_mm)
+
+
+_contiguous = torch.Tensor.contiguous
+
+
+def with_contiguous_grad(out: torch.Tensor) -> torch.Tensor:
+    """``out``, whose gradient reaches the GEMM's backward contiguous.
+
+    torch._grouped_mm's backward rejects an expanded gradient (``out.sum().backward()``) and
+    torchao's quantisers assert contiguity. Eagerly a tensor hook does it (a few microseconds;
+    an autograd Function costs several times that on the smallest calls); under torch.compile
+    the Function, which traces without a graph break.
+    """
+    if torch.compiler.is_compiling():
+        return _ContiguousGrad.apply(out)
+    out.register_hook(_contiguous)
+    return out
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -284,7 +301,7 @@ def make_mxfp8(
                 A = _ZeroTailGrad.apply(A, offs)
             out = call(A.contiguous(), B_t, offs, callee_dtype)
             if contiguous_grad and out.requires_grad:
-                out = _ContiguousGrad.apply(out)
+                out = with_contiguous_grad(out)
         return out if callee_dtype is out_dtype else out.to(out_dtype)
 
     mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
