@@ -103,22 +103,16 @@ def make_problem(
 
 def float64_reference(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output and gradients of the grouped GEMM in float64."""
-    from mxfp8_compat.reference import grouped_mm_float64
+    from mxfp8_compat.metrics import float64_forward_backward
 
-    A = problem.A.detach().double().requires_grad_(True)
-    B = problem.B.detach().double().requires_grad_(True)
-    out = grouped_mm_float64(A, B, problem.offs)
-    out.backward(problem.grad_out.double())
-    return out.detach(), A.grad, B.grad
+    return float64_forward_backward(problem.A, problem.B, problem.offs, problem.grad_out)
 
 
 def run_with_grads(fn, problem: Problem, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``fn(A, B, offs)`` forward and backward on fresh leaves; return out, dA, dB."""
-    A = problem.A.detach().clone().requires_grad_(True)
-    B = problem.B.detach().clone().requires_grad_(True)
-    out = fn(A, B, problem.offs, **kwargs)
-    out.backward(problem.grad_out.to(out.dtype))
-    return out.detach(), A.grad, B.grad
+    from mxfp8_compat.metrics import forward_backward
+
+    return forward_backward(fn, problem.A, problem.B, problem.offs, problem.grad_out, **kwargs)
 
 
 def torch_grouped_mm(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,9 @@ from .layout import (
     state_dict_to_expert_layout,
     weight_relayout,
 )
-from .reference import ScaleMode, mxfp8_grouped_mm_reference, sqnr_db
+from .metrics import sqnr_db
+from .quantize import ScaleMode
+from .reference import mxfp8_grouped_mm_reference
 from .resolution import Resolution, resolve, reset
 from .token_groups import TokenGroupPadding, pad_token_groups, unpad_token_groups
 

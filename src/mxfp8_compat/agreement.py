@@ -45,14 +45,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .probes import installed_torchao_version, match_generation
-from .reference import (
-    ScaleMode,
-    grouped_mm_loop,
-    mx_fake_quantize,
-    mx_fake_quantize_grouped_rows,
-    mxfp8_grouped_mm_reference,
-    sqnr_db,
-)
+from .highprec import grouped_mm_loop
+from .metrics import forward_backward, sqnr_db
+from .quantize import ScaleMode, mx_fake_quantize, mx_fake_quantize_grouped_rows
+from .reference import mxfp8_grouped_mm_reference
 
 __all__ = ["DEFAULT_PROBLEM", "max_ulp_diff", "reference_agreement"]
 
@@ -146,16 +142,6 @@ def _problem(
     B = torch.randn(e, n, k, generator=generator).to(device=device, dtype=torch.bfloat16).transpose(-2, -1)
     grad = torch.randn(m, n, generator=generator).to(device=device, dtype=torch.bfloat16)
     return A, B, grad, offs
-
-
-def _forward_backward(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], A: torch.Tensor, B: torch.Tensor, grad: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    A = A.detach().clone().requires_grad_(True)
-    B = B.detach().clone().requires_grad_(True)  # clone keeps B's column-major strides
-    out = fn(A, B)
-    out.backward(grad)
-    return out.detach(), A.grad, B.grad
 
 
 # Where each generation's emulated GEMMs live (for explanations).
@@ -327,7 +313,7 @@ def reference_agreement(
     for wgrad_with_hp in hp_settings:
         call = match.bound.bind("emulated", wgrad_with_hp)
         try:
-            torchao = _forward_backward(lambda a, b: call(a, b, offs, torch.bfloat16), A, B, grad)
+            torchao = forward_backward(lambda a, b, o: call(a, b, o, torch.bfloat16), A, B, offs, grad)
         except KeyboardInterrupt:
             raise
         except BaseException as error:  # noqa: BLE001 - any failure means "cannot run here"
@@ -337,8 +323,8 @@ def reference_agreement(
                 "reason": f"torchao {version}'s emulated path (wgrad_with_hp={wgrad_with_hp}) does not run on "
                 f"{device} with torch {torch.__version__}: {type(error).__name__}: {text}",
             }
-        reference = _forward_backward(
-            lambda a, b: mxfp8_grouped_mm_reference(a, b, offs, torch.bfloat16, mode, wgrad_with_hp), A, B, grad
+        reference = forward_backward(
+            lambda a, b, o: mxfp8_grouped_mm_reference(a, b, o, torch.bfloat16, mode, wgrad_with_hp), A, B, offs, grad
         )
         ordered = _torchao_ordered(generation.key, A, B, grad, offs, mode, wgrad_with_hp)
         run: dict[str, Any] = {"wgrad_with_hp": wgrad_with_hp}

@@ -18,7 +18,9 @@ import torch
 from .distributed import dtensor_aware
 from .generations import GroupedMMCall
 from .layout import weight_relayout
-from .reference import ScaleMode, grouped_mm_fallback, mxfp8_grouped_mm_reference
+from .highprec import grouped_mm_fallback
+from .quantize import ScaleMode
+from .reference import mxfp8_grouped_mm_reference
 from .token_groups import pad_token_groups, unpad_token_groups, zero_rows_after
 from .validation import (
     aligned_rows_problem,

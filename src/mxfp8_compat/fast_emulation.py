@@ -41,14 +41,9 @@ from typing import Optional
 import torch
 
 from .generations import GroupedMMCall
-from .reference import (
-    BLOCK_SIZE,
-    DEFAULT_SCALE_MODE,
-    ScaleMode,
-    dgrad_gemm,
-    grouped_mm_highprec,
-    wgrad_gemm,
-)
+from .highprec import grouped_mm_highprec
+from .quantize import BLOCK_SIZE, DEFAULT_SCALE_MODE, ScaleMode
+from .reference import dgrad_gemm, wgrad_gemm
 
 __all__ = [
     "fast_emulation_problem",

@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from packaging.specifiers import SpecifierSet
 
-from .reference import ScaleMode
+from .quantize import ScaleMode
 
 __all__ = ["Generation", "GENERATIONS", "Kernel", "GroupedMMCall", "Binder", "entry_signature_params"]
 

@@ -17,7 +17,10 @@ from packaging.version import InvalidVersion, Version
 
 from .generations import GENERATIONS, Generation, GroupedMMCall, Kernel, entry_signature_params
 from .layout import weight_relayout
-from .reference import ScaleMode, grouped_mm_float64, grouped_mm_support, mxfp8_grouped_mm_reference, sqnr_db
+from .highprec import grouped_mm_support
+from .metrics import float64_forward_backward, forward_backward, sqnr_db
+from .quantize import ScaleMode
+from .reference import mxfp8_grouped_mm_reference
 
 __all__ = [
     "SMOKE_MIN_SQNR_DB",
@@ -312,19 +315,16 @@ def _smoke_run(
     if not bool(torch.isfinite(out).all()):
         return failed("smoke run produced a non-finite output")
 
-    A64 = A0.double().requires_grad_(True)
-    B64 = B0.double().requires_grad_(True)
-    exact_out = grouped_mm_float64(A64, B64, offs)
-    exact_out.backward(grad_out.double())
+    truth = float64_forward_backward(A0, B0, offs, grad_out)
     actual = (out, A.grad, B.grad)
-    sqnrs = (sqnr_db(exact_out, out), sqnr_db(A64.grad, A.grad), sqnr_db(B64.grad, B.grad))
-
-    A_ref = A0.clone().requires_grad_(True)
-    B_ref = B0.clone().requires_grad_(True)
-    ref_out = mxfp8_grouped_mm_reference(A_ref, B_ref, offs, torch.bfloat16, scale_mode, wgrad_with_hp)
-    ref_out.backward(grad_out)
-    matches = (sqnr_db(ref_out, out), sqnr_db(A_ref.grad, A.grad), sqnr_db(B_ref.grad, B.grad))
-    bf16_out = exact_out.detach().to(torch.bfloat16)
+    sqnrs = tuple(sqnr_db(t, a) for t, a in zip(truth, actual))
+    reference = forward_backward(
+        lambda A_, B_, o: mxfp8_grouped_mm_reference(A_, B_, o, torch.bfloat16, scale_mode, wgrad_with_hp),
+        A0, B0, offs, grad_out,
+    )
+    ref_out = reference[0]
+    matches = tuple(sqnr_db(r, a) for r, a in zip(reference, actual))
+    bf16_out = truth[0].to(torch.bfloat16)
     names = ("output", "grad A", "grad B")
 
     def result(problem: Optional[str]) -> SmokeResult:

@@ -25,7 +25,8 @@ from .errors import MXFP8Unavailable
 from .fast_emulation import fast_call, fast_emulation_problem
 from .generations import Generation
 from .isolation import ISOLATE_ENV_VAR, isolated_problem
-from .reference import DEFAULT_SCALE_MODE, ScaleMode, grouped_mm_support
+from .highprec import grouped_mm_support
+from .quantize import DEFAULT_SCALE_MODE, ScaleMode
 
 __all__ = ["Mode", "Backend", "Resolution", "resolve", "reset", "normalise_mode", "normalise_device", "MODE_ENV_VAR"]
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .reference import BLOCK_SIZE
+from .quantize import BLOCK_SIZE
 
 __all__ = [
     "SUPPORTED_DTYPES",
