@@ -338,7 +338,7 @@ def test_padded_layout_ignores_unspecified_rows(
     model = build(family, "grouped_mm")
     ids = tokens()
     logits, loss, grads = step(model, "grouped_mm", ids)
-    real = mxfp8_compat.resolve("off")
+    real = mxfp8_compat.resolve("off", device="cpu")
     monkeypatch.setattr(hf, "resolve", lambda mode, device: poisoned(real, alignment))
     got_logits, got_loss, got_grads = step(model, OFF, ids)
     assert torch.isfinite(got_logits).all() and all(torch.isfinite(g).all() for g in got_grads.values())
@@ -472,7 +472,7 @@ def test_weights_are_passed_as_views(
         p.untyped_storage().data_ptr(): p for m in experts_modules(model) for p in (m.gate_up_proj, m.down_proj)
     }
     seen: list[torch.Tensor] = []
-    resolution = mxfp8_compat.resolve("off" if implementation == OFF else "emulated")
+    resolution = mxfp8_compat.resolve("off" if implementation == OFF else "emulated", device="cpu")
 
     def spy(A, B, offs, **kwargs):  # type: ignore[no-untyped-def]
         seen.append(B)
