@@ -284,10 +284,11 @@ def make_mxfp8(
         # op (a graph break): there only eager validate=True reads it.
         if (validate or A.is_cpu) and not _compiling():
             ends = check_offs_values(A, offs)
-            if promised:
-                problem = group_alignment_problem(ends, group_alignment)
-                if problem is not None:
-                    raise ValueError(f"offs: groups_aligned=True promises group sizes aligned to {group_alignment}, but {problem}")
+            problem = group_alignment_problem(ends, group_alignment) if pads else None
+            if promised and problem is not None:
+                raise ValueError(f"offs: groups_aligned=True promises group sizes aligned to {group_alignment}, but {problem}")
+            if pads and problem is None and aligned_rows_problem(A, group_alignment) is None:
+                groups_aligned = True  # offs was read anyway (free on the CPU): nothing to pad
         if bf16_operands and A.dtype is torch.float32:
             A, B = A.to(torch.bfloat16), B.to(torch.bfloat16)
         callee_dtype = out_dtype
