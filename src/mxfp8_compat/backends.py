@@ -11,7 +11,7 @@ multiples of the backend's ``group_alignment`` (so nothing is padded).
 from __future__ import annotations
 
 import logging
-from typing import NoReturn, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 

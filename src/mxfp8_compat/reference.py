@@ -41,6 +41,7 @@ from .quantize import (
     mx_fake_quantize_grouped_rows,
     mx_quantize,
 )
+from .token_groups import zero_rows_after
 
 __all__ = [
     "mxfp8_grouped_mm_reference",
@@ -107,14 +108,6 @@ def _(grad_out, A, B, offs, scale_mode, wgrad_with_hp):  # type: ignore[no-untyp
     return torch.empty_like(A), B.new_empty(B.shape)
 
 
-def _zero_rows_after_last_group(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows after ``offs[-1]`` (padding in a static-length buffer) get a zero input gradient."""
-    if offs.shape[0] == 0:
-        return torch.zeros_like(x)
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
-    return torch.where(rows < offs[-1].to(torch.int64), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def _sync_free_bf16_gemm(*tensors: torch.Tensor) -> bool:
     """Whether the backward GEMMs of these operands run as one bf16 ``torch._grouped_mm``.
 
@@ -161,7 +154,7 @@ def zero_unused_grads(grad_A: torch.Tensor, grad_B: torch.Tensor, offs: torch.Te
     """
     sizes = torch.diff(offs, prepend=offs.new_zeros(1))
     grad_B = torch.where((sizes > 0).view(-1, 1, 1), grad_B, torch.zeros((), dtype=grad_B.dtype, device=grad_B.device))
-    return _zero_rows_after_last_group(grad_A, offs), grad_B
+    return zero_rows_after(grad_A, offs), grad_B
 
 
 def _reference_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]

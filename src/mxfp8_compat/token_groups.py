@@ -37,6 +37,8 @@ __all__ = [
     "unpad_token_groups",
     "pad_with",
     "zero_rows_after",
+    "gather_rows",
+    "gather_rows_with_inverse",
 ]
 
 
@@ -214,23 +216,37 @@ def _(x, index):  # type: ignore[no-untyped-def]
     return x.new_empty((index.shape[0],) + tuple(x.shape[1:]))
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[r] = x[index[r]]`` for a 2D ``x``, zeros where ``index[r] >= x.shape[0]`` (no autograd).
+
+    The building block of the padding's gathers and their backward (and of the transformers
+    integration's token permutation). Under torch.compile an opaque custom op; eagerly the
+    kernel itself, whose launch costs less than the custom op's dispatch.
+    """
+    return _gather_rows(x, index) if torch.compiler.is_compiling() else _gather_rows_impl(x, index)
+
+
 class _GatherRows(torch.autograd.Function):
     """Row gather whose backward is the gather through the inverse map (a bijection on kept rows)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(inverse)
-        return _gather(x, index)
+        return gather_rows(x, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (inverse,) = ctx.saved_tensors
-        return _gather(grad, inverse), None, None
+        return gather_rows(grad, inverse), None, None
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # The custom op for torch.compile; eagerly its dispatch would cost more than the kernel.
-    return _gather_rows(x, index) if torch.compiler.is_compiling() else _gather_rows_impl(x, index)
+def gather_rows_with_inverse(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_rows`, differentiable: its backward is the gather through ``inverse``.
+
+    Exact where ``index`` and ``inverse`` are inverse maps on the rows kept (each kept source
+    row is read once), as the padding's maps are; deterministic (no atomics).
+    """
+    return _GatherRows.apply(x, index, inverse)
 
 
 def pad_token_groups(
@@ -249,7 +265,7 @@ def pad_token_groups(
 
 def pad_with(x: torch.Tensor, padding: TokenGroupPadding) -> torch.Tensor:
     """Pad ``x`` with an existing :class:`TokenGroupPadding` (e.g. a gradient with the same groups)."""
-    return _GatherRows.apply(x, padding.source_rows, padding.padded_positions)
+    return gather_rows_with_inverse(x, padding.source_rows, padding.padded_positions)
 
 
 def unpad_token_groups(y: torch.Tensor, padding: TokenGroupPadding) -> torch.Tensor:
@@ -257,7 +273,7 @@ def unpad_token_groups(y: torch.Tensor, padding: TokenGroupPadding) -> torch.Ten
 
     Rows after the last group come back as zeros. Differentiable; no host sync.
     """
-    return _GatherRows.apply(y, padding.padded_positions, padding.source_rows)
+    return gather_rows_with_inverse(y, padding.padded_positions, padding.source_rows)
 
 
 def zero_rows_after(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

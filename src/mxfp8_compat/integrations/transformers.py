@@ -33,7 +33,7 @@ import torch
 from packaging.version import Version
 
 from ..resolution import MODES, Resolution, resolve
-from ..token_groups import _gather, _GatherRows, token_group_padding
+from ..token_groups import gather_rows, gather_rows_with_inverse, token_group_padding
 
 __all__ = ["MIN_TRANSFORMERS_VERSION", "register", "experts_forward", "require_transformers"]
 
@@ -158,14 +158,14 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, token: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(slot_rows)
-        return _gather(x, token)
+        return gather_rows(x, token)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (slot_rows,) = ctx.saved_tensors
         tokens, top_k = slot_rows.shape
         ordered = slot_rows.sort(dim=1).values if top_k > 1 else slot_rows
-        rows = _gather(grad, ordered.reshape(-1)).view(tokens, top_k, grad.shape[-1])
+        rows = gather_rows(grad, ordered.reshape(-1)).view(tokens, top_k, grad.shape[-1])
         return rows.sum(dim=1), None, None
 
 
@@ -180,12 +180,12 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, slot_rows: torch.Tensor, token: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(token)
         tokens, top_k = slot_rows.shape
-        return _gather(rows, slot_rows.reshape(-1)).view(tokens, top_k, rows.shape[-1]).sum(dim=1)
+        return gather_rows(rows, slot_rows.reshape(-1)).view(tokens, top_k, rows.shape[-1]).sum(dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (token,) = ctx.saved_tensors
-        return _gather(grad, token), None, None
+        return gather_rows(grad, token), None, None
 
 
 def experts_forward(
@@ -267,7 +267,7 @@ def experts_forward(
 
     # One gather from hidden_states into the padded, expert-sorted buffer.
     x = _GatherTokens.apply(hidden_states, token, slot_rows)
-    weights = _GatherRows.apply(routing, source, slot_rows.reshape(-1))
+    weights = gather_rows_with_inverse(routing, source, slot_rows.reshape(-1))
 
     h = grouped_mm(x.to(up_b.dtype), up_b, padded_offs, groups_aligned=True)
     h = _bias_and_mask(self, h, ("gate_up_proj_bias" if gated else "up_proj_bias"), row_expert, holds)
