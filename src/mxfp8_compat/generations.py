@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 import torch
@@ -30,7 +30,7 @@ from packaging.specifiers import SpecifierSet
 
 from .quantize import ScaleMode
 
-__all__ = ["Generation", "GENERATIONS", "Kernel", "GroupedMMCall", "Binder", "entry_signature_params"]
+__all__ = ["Generation", "GENERATIONS", "Kernel", "PerKernel", "GroupedMMCall", "Binder", "entry_signature_params"]
 
 Kernel = Literal["native", "emulated"]
 GroupedMMCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
@@ -111,6 +111,23 @@ def entry_signature_params(entry: Callable[..., Any], through_autograd_function:
 
 
 @dataclass(frozen=True)
+class PerKernel:
+    """One number per kernel of a row (``native``, ``emulated``), read as ``row.group_multiple["native"]``.
+
+    A frozen dataclass rather than a dict, so that rows (and the Resolutions holding them) are
+    immutable and hashable.
+    """
+
+    native: int
+    emulated: int
+
+    def __getitem__(self, kernel: Kernel) -> int:
+        if kernel not in ("native", "emulated"):
+            raise KeyError(kernel)
+        return self.native if kernel == "native" else self.emulated
+
+
+@dataclass(frozen=True)
 class Generation:
     """One torchao MXFP8 grouped-GEMM API generation (one row of the adapter table).
 
@@ -152,8 +169,8 @@ class Generation:
     positional_only: bool = False
     via_autograd_function: bool = False
     native_flag: Optional[str] = None
-    group_multiple: dict[str, int] = field(default_factory=lambda: {"native": 32, "emulated": 32})
-    shape_multiple: dict[str, int] = field(default_factory=lambda: {"native": 32, "emulated": 32})
+    group_multiple: PerKernel = PerKernel(native=32, emulated=32)
+    shape_multiple: PerKernel = PerKernel(native=32, emulated=32)
     notes: str = ""
 
     def __repr__(self) -> str:
@@ -192,8 +209,8 @@ GENERATIONS: tuple[Generation, ...] = (
         scale_mode=ScaleMode.RCEIL,
         wgrad_with_hp=True,
         native_flag="_SM100_KERNELS_AVAILABLE",
-        group_multiple={"native": 128, "emulated": 32},
-        shape_multiple={"native": 128, "emulated": 32},
+        group_multiple=PerKernel(native=128, emulated=32),
+        shape_multiple=PerKernel(native=128, emulated=32),
         notes=(
             "4th parameter is now `bias`; `block_size` is gone. The native CuTeDSL quantiser asserts "
             "M, K (and N, for the gradient) multiples of 128 and every group a multiple of 128."
