@@ -14,14 +14,12 @@ things every launch here needs and no kernel should have to remember:
   rule; smaller ones arrive as int32, so products of them (``rows * cols``) must be formed in
   int64 inside the kernel. The kernels of this package take every size that enters an address
   or a bound through ``do_not_specialize`` and widen it first (see ``_fast_kernels``); the
-  interpreter tests in ``tests/test_kernel_bounds.py`` launch each one at offsets past 2**31
-  and 2**32. ``launch`` checks what it can see: no argument is a bool posing as a size, and
-  every int fits int64.
+  interpreter tests in ``tests/test_kernel_bounds.py`` run each one at offsets past 2**31
+  and 2**32 (a kernel written later is added there too).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -34,42 +32,50 @@ import torch
 
 __all__ = ["launch", "kernel_module"]
 
-_INT64_MAX = 2**63 - 1
 # Index and offset tensors. Data reaches some kernels as an int16 view of bf16 (the arithmetic
 # path), which must never be copied: a kernel may write into it.
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_Tensor = torch.Tensor
+# Where a kernel's tensor arguments are, per (kernel, argument count): found once, so that a launch
+# looks only at its tensors (each check costs ~0.1 us, and a launch has a dozen other arguments).
+_tensor_positions: dict[tuple[int, int], tuple[int, ...]] = {}
 
 
-def _prepare(arg: Any, devices: set[torch.device]) -> Any:
-    if isinstance(arg, torch.Tensor):
-        devices.add(arg.device)
-        if arg.dtype in _INDEX_DTYPES and not arg.is_contiguous():
-            return arg.contiguous()
-        return arg
-    if isinstance(arg, int) and not isinstance(arg, bool) and not -_INT64_MAX - 1 <= arg <= _INT64_MAX:
-        raise ValueError(f"kernel argument {arg} does not fit int64")
-    return arg
+def _positions(kernel: Any, args: tuple[Any, ...]) -> tuple[int, ...]:
+    key = (id(kernel), len(args))
+    positions = _tensor_positions.get(key)
+    if positions is None or not all(isinstance(args[p], _Tensor) for p in positions):
+        positions = _tensor_positions[key] = tuple(p for p, arg in enumerate(args) if isinstance(arg, _Tensor))
+    return positions
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **options: Any) -> None:
     """Run ``kernel[grid](*args, **options)`` on the device of its tensor arguments.
 
-    int32/int64 tensor arguments (indices, offsets: read-only in every kernel here) are made
-    contiguous first. Raises ValueError when the tensors
-    lie on more than one device. A grid with no programs launches nothing.
+    int32/int64 tensor arguments (indices and offsets, which kernels read as flat arrays) are
+    made contiguous first. Raises ValueError when the tensors lie on more than one device. A
+    grid with no programs launches nothing. Costs a few microseconds over the bare launch.
     """
     if not all(grid):
         return
-    devices: set[torch.device] = set()
-    prepared = [_prepare(arg, devices) for arg in args]
-    if len(devices) > 1:
-        raise ValueError(f"kernel {getattr(kernel, '__name__', kernel)}: tensors on several devices: {sorted(map(str, devices))}")
-    device = next(iter(devices), None)
-    guard: Any = contextlib.nullcontext()
-    if device is not None and device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        guard = torch.cuda.device(device.index)
-    with guard:
-        kernel[grid](*prepared, **options)
+    positions = _positions(kernel, args)
+    if not positions:
+        kernel[grid](*args, **options)
+        return
+    first = args[positions[0]]
+    device, is_cuda, is_cpu = first.get_device(), first.is_cuda, first.is_cpu
+    for position in positions:
+        arg = args[position]
+        if arg.get_device() != device or arg.is_cuda is not is_cuda or arg.is_cpu is not is_cpu:
+            name = getattr(kernel, "__name__", kernel)
+            raise ValueError(f"kernel {name}: tensors on several devices: {first.device} and {arg.device}")
+        if not arg.is_contiguous() and arg.dtype in _INDEX_DTYPES:
+            args = args[:position] + (arg.contiguous(),) + args[position + 1 :]
+    if is_cuda and device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[grid](*args, **options)
+        return
+    kernel[grid](*args, **options)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +89,7 @@ def kernel_module(name: str, interpret: bool) -> ModuleType:
     package = __package__ or "mxfp8_compat"
     if not interpret:
         return importlib.import_module(f"{package}.{name}")
-    import triton  # noqa: F401 - fail here if absent
+    import triton  # noqa: F401 - fail here, not in the kernels, if triton is absent
 
     qualified = f"{package}.{name}_interpreted"
     path = os.path.join(os.path.dirname(__file__), f"{name}.py")

@@ -1,0 +1,129 @@
+"""Where the host time of one MXFP8 call goes: CPU microseconds per call, side by side in one process.
+
+    python benchmarks/host_time.py --device cuda                      # the small MoE shape
+    python benchmarks/host_time.py --device cuda --shape 8,4096,2048,1024 --profile
+
+Host time is measured as the wall time of N back-to-back calls issued while the GPU has
+nothing queued (a synchronize before, none inside the loop): the GPU work of these shapes
+takes less than the host's, so the figure is the CPU cost per call. Rows:
+
+  bf16 raw            torch._grouped_mm forward + backward (its own autograd)
+  off                 resolve("off") forward + backward
+  fast raw            fast_mxfp8_grouped_mm forward + backward (no shim around it)
+  emulated            resolve("emulated") (the fast emulation through the shim)
+  emulated aligned    the same with groups_aligned=True
+  launch quantize     one launch of the fused quantiser alone (forward's A and B)
+  launch zero_unused  one launch of the backward's zeroing kernel alone
+
+``--profile`` adds cProfile's top functions of the ``emulated`` row by own time.
+Nothing is asserted: pytest never times anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import platform
+import pstats
+import time
+from typing import Callable
+
+import torch
+
+from mxfp8_compat import resolve
+from mxfp8_compat import fast_emulation as fast
+from mxfp8_compat.layout import weight_relayout
+
+
+def make_inputs(E: int, M: int, K: int, N: int, device: str):
+    rows = M // E
+    A = torch.randn(M, K, device=device, dtype=torch.bfloat16, requires_grad=True)
+    B = weight_relayout(torch.randn(E, K, N, device=device, dtype=torch.bfloat16)).requires_grad_(True)
+    offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * rows
+    grad = torch.randn(M, N, device=device, dtype=torch.bfloat16)
+    return A, B, offs, grad
+
+
+def host_us(step: Callable[[], object], sync: Callable[[], None], calls: int, rounds: int) -> float:
+    """Median over rounds of the host microseconds per call of ``calls`` back-to-back steps."""
+    samples = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+        sync()
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", default="8,4096,2048,1024", help="E,M,K,N")
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    E, M, K, N = (int(v) for v in args.shape.split(","))
+    device = args.device
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    A, B, offs, grad = make_inputs(E, M, K, N, device)
+    off, emulated = resolve("off", device=device), resolve("emulated", device=device)
+
+    def fwd_bwd(fn: Callable, **kwargs) -> Callable[[], object]:
+        def step() -> object:
+            return torch.autograd.grad(fn(A, B, offs, **kwargs), (A, B), grad)
+
+        return step
+
+    def raw_bf16(A, B, offs):
+        return torch._grouped_mm(A, B, offs=offs)
+
+    def raw_fast(A, B, offs):
+        return fast.fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, wgrad_with_hp=True)
+
+    rows: dict[str, Callable[[], object]] = {
+        "bf16 raw": fwd_bwd(raw_bf16),
+        "off": fwd_bwd(off),
+        "fast raw": fwd_bwd(raw_fast),
+        "emulated": fwd_bwd(emulated),
+        "emulated aligned": fwd_bwd(emulated, groups_aligned=True),
+    }
+    if emulated.emulation == "fast":
+        A_d, B_d = A.detach(), B.detach()
+        rows["launch quantize"] = lambda: fast._quantize(A_d, B_d, "rceil", True, True)
+        gA, gB = torch.empty_like(A_d), torch.empty_like(B_d)
+        rows["launch zero_unused"] = lambda: fast._zero_unused(gA, gB, offs)
+    for step in rows.values():  # warm-up: compile, autotune, allocate
+        for _ in range(3):
+            step()
+    sync()
+    info = {"torch": torch.__version__, "python": platform.python_version(), "shape": [E, M, K, N],
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "emulation": emulated.emulation}
+    print(json.dumps(info))
+    results = {name: host_us(step, sync, args.calls, args.rounds) for name, step in rows.items()}
+    base = results["bf16 raw"]
+    print(f"| host time per fwd+bwd call ({E}, {M}, {K}, {N}) | us | / bf16 raw |")
+    print("|---|---|---|")
+    for name, value in results.items():
+        print(f"| {name} | {value:.1f} | {value / base:.2f}x |")
+    if args.profile:
+        profiler = cProfile.Profile()
+        sync()
+        profiler.enable()
+        for _ in range(200):
+            rows["emulated"]()
+        profiler.disable()
+        sync()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+        print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
