@@ -12,8 +12,13 @@ takes less than the host's, so the figure is the CPU cost per call. Rows:
   fast raw            fast_mxfp8_grouped_mm forward + backward (no shim around it)
   emulated            resolve("emulated") (the fast emulation through the shim)
   emulated aligned    the same with groups_aligned=True
-  launch quantize     one launch of the fused quantiser alone (forward's A and B)
+  grouped_mm forward alone, torch.empty x3, fast forward alone (no autograd)
+  launch quantize     one launch of the fused quantiser alone (forward's A and B; backward's grad)
   launch zero_unused  one launch of the backward's zeroing kernel alone
+  bare jit launch     the grad quantiser's kernel[grid](...) itself, no Python around it
+  fast backward math, main thread   the backward's four steps called directly (no autograd engine)
+  identity autograd.Function fwd+bwd   what a Python Function costs through the engine (its CUDA
+                      backward runs on the engine's device thread, which must take the GIL)
 
 ``--profile`` adds cProfile's top functions of the ``emulated`` row by own time.
 Nothing is asserted: pytest never times anything.
@@ -93,14 +98,44 @@ def main() -> None:
         "emulated": fwd_bwd(emulated),
         "emulated aligned": fwd_bwd(emulated, groups_aligned=True),
     }
+    A_d, B_d, grad_d = A.detach(), B.detach(), grad.detach()
+    rows["grouped_mm forward alone"] = lambda: torch._grouped_mm(A_d, B_d, offs=offs)
+    rows["torch.empty x3"] = lambda: (torch.empty_like(A_d), torch.empty_like(B_d), torch.empty_like(B_d))
     if emulated.emulation == "fast":
-        A_d, B_d = A.detach(), B.detach()
-        rows["launch quantize"] = lambda: fast._quantize(A_d, B_d, "rceil", True, True)
+        rows["fast forward alone"] = lambda: raw_fast(A_d, B_d, offs)
+        rows["launch quantize (A+B)"] = lambda: fast._quantize(A_d, B_d, "rceil", True, True)
+        rows["launch quantize (grad)"] = lambda: fast._quantize(grad_d, None, "rceil", False, True)
         gA, gB = torch.empty_like(A_d), torch.empty_like(B_d)
         rows["launch zero_unused"] = lambda: fast._zero_unused(gA, gB, offs)
-    for step in rows.values():  # warm-up: compile, autotune, allocate
-        for _ in range(3):
-            step()
+        y = torch.empty_like(grad_d)
+        kernel = fast._launch(A.device).k.quantize_kernel
+        n_blocks = grad_d.numel() // 32
+        programs = -(-n_blocks // fast.QUANT_BLOCKS)
+        jit_args = (grad_d, y, n_blocks, programs, grad_d, y, y, 0, 0, 0, 0, 0, 0)
+        jit_meta = dict(RCEIL=True, X_BF16=True, W_BF16=True, DO_K=False, DO_N=False, HW_CVT=True,
+                        BLOCKS=fast.QUANT_BLOCKS, BK=fast.WEIGHT_BK, num_warps=fast.QUANT_WARPS)
+        rows["bare jit launch (grad quantiser)"] = lambda: kernel[(programs,)](*jit_args, **jit_meta, enable_fp_fusion=False)
+        _, B_n = fast._forward_impl(A_d, B_d, offs, torch.bfloat16, "rceil", True)
+        rows["fast backward math, main thread"] = lambda: fast._backward_impl(grad_d, A_d, B_d, B_n, offs, "rceil", True, True)
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad_x):  # type: ignore[no-untyped-def, override]
+            return grad_x
+
+    ones = torch.ones_like(A_d)
+    rows["identity autograd.Function fwd+bwd"] = lambda: torch.autograd.grad(Identity.apply(A), (A,), ones)
+    for name, step in list(rows.items()):  # warm-up: compile, autotune, allocate
+        try:
+            for _ in range(3):
+                step()
+        except Exception as error:  # noqa: BLE001 - an experiment row that cannot run here
+            print(f"{name}: {type(error).__name__}: {str(error)[:200]}")
+            del rows[name]
     sync()
     info = {"torch": torch.__version__, "python": platform.python_version(), "shape": [E, M, K, N],
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
