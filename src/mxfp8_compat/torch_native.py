@@ -22,17 +22,23 @@ Only RCEIL scales: torchao's default since 0.15 and the rule of Blackwell's own 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
+from packaging.version import InvalidVersion, Version
 
+from . import probes
+from .generations import TORCH_GENERATIONS, GroupedMMCall, ScaledGroupedMM, TorchGeneration
 from .quantize import BLOCK_SIZE, ScaleMode
-from .token_groups import TokenGroupPadding
+from .reference import wgrad_gemm
+from .token_groups import TokenGroupPadding, gather_rows, token_group_padding
 
 __all__ = [
     "ALIGNMENT",
@@ -42,6 +48,12 @@ __all__ = [
     "quantize_grouped_columns",
     "row_scale_rows_bound",
     "column_scale_cols_bound",
+    "TorchMatch",
+    "TorchNative",
+    "match_torch_generation",
+    "torch_kernel_problem",
+    "torch_native_call",
+    "resolve_torch_native",
 ]
 
 #: Every token group is padded to a multiple of this many rows (the MXFP8 kernel's requirement; blocks
@@ -257,3 +269,209 @@ def quantize_grouped_columns(
     elif P and cols:
         data.view(torch.uint8).zero_()
     return MXOperand(data, scales)
+
+
+# --- the provider row: locate, fingerprint, gate ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class TorchMatch:
+    """The torch row that fits the running torch, its entry and where it lives, or why none fits."""
+
+    row: Optional[TorchGeneration]
+    entry: Optional[Callable[..., Any]]
+    location: Optional[str]
+    reasons: tuple[str, ...]
+
+    def gemm(self) -> ScaledGroupedMM:
+        assert self.row is not None and self.entry is not None
+        return self.row.bind(self.entry)
+
+
+def _entry_params(row: TorchGeneration, entry: Callable[..., Any]) -> tuple[str, ...]:
+    if row.schema is not None:
+        return tuple(argument.name for argument in getattr(torch.ops.aten, row.schema).default._schema.arguments)
+    return tuple(inspect.signature(entry).parameters)
+
+
+def _locate(row: TorchGeneration) -> tuple[Optional[Callable[..., Any]], Optional[str], list[str]]:
+    problems: list[str] = []
+    for module_name, attribute in row.entry_points:
+        location = f"{module_name}.{attribute}"
+        entry = getattr(importlib.import_module(module_name), attribute, None)
+        if entry is None:
+            problems.append(f"{location} is missing")
+            continue
+        try:
+            params = _entry_params(row, entry)
+        except (AttributeError, TypeError, ValueError) as error:
+            problems.append(f"{location} has no readable signature ({type(error).__name__}: {error})")
+            continue
+        mismatch = row.fingerprint_mismatch(params)
+        if mismatch:
+            problems.append(f"{location}: {mismatch}")
+            continue
+        return entry, location, problems
+    return None, None, problems
+
+
+def match_torch_generation(version: Optional[str] = None, table: tuple[TorchGeneration, ...] = TORCH_GENERATIONS) -> TorchMatch:
+    """The row of :data:`~mxfp8_compat.generations.TORCH_GENERATIONS` for torch ``version`` (default: this one).
+
+    A version inside a row's range must pass that row's fingerprint; one newer than every row is
+    matched by fingerprint, newest row first; an older one has no row.
+    """
+    version = version or torch.__version__
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return TorchMatch(None, None, None, (f"torch version {version!r} is not a valid version string",))
+    in_range = [row for row in table if row.versions.contains(parsed, prereleases=True)]
+    lowest = {row.key: min(Version(s.version) for s in row.versions if s.operator == ">=") for row in table}
+    newest = max(table, key=lambda row: lowest[row.key])
+    reasons: list[str] = []
+    if in_range:
+        candidates, how = in_range, None
+    elif parsed >= lowest[newest.key]:
+        candidates = list(table)
+        how = f"torch {version} is newer than the torch rows (newest {newest.key}); matched by signature fingerprint"
+    else:
+        oldest = min(table, key=lambda row: lowest[row.key])
+        return TorchMatch(None, None, None, (
+            f"torch {version} is older than the oldest torch MXFP8 row ({oldest.key}: {oldest.versions})",))
+    for row in candidates:
+        entry, location, problems = _locate(row)
+        if entry is not None:
+            if how:
+                reasons.append(f"{how}: row {row.key} ({location})")
+            return TorchMatch(row, entry, location, tuple(reasons))
+        reasons.append(f"torch row {row.key} does not fit torch {version}: " + "; ".join(problems))
+    return TorchMatch(None, None, None, tuple(reasons))
+
+
+def torch_kernel_problem(row: TorchGeneration, device: torch.device) -> Optional[str]:
+    """Why torch's MXFP8 grouped kernel cannot run on ``device``, before trying it; None if it may.
+
+    torch's own verdict (its test helper's): compute capability 10.x and a build with MSLK
+    (``row.build_flag in torch.__config__.show()``). The quantisers here also need triton.
+    """
+    if device.type != "cuda":
+        return f"torch's MXFP8 grouped GEMM needs a CUDA device with compute capability 10.x; device is {device}"
+    major, minor = probes.device_capability(device) or (0, 0)
+    if major != 10:
+        return (
+            f"{device} has compute capability {major}.{minor} (sm_{major}{minor}); torch's MXFP8 grouped GEMM "
+            "kernel (MSLK mx8mx8bf16_grouped) exists only for 10.x"
+        )
+    if row.build_flag not in torch.__config__.show():
+        return f"torch {torch.__version__} was built without {row.build_flag}: it has no MXFP8 grouped GEMM kernel"
+    try:
+        _kernels(interpret=False)
+    except Exception as error:  # noqa: BLE001 - any import failure is the answer
+        return f"mxfp8_compat's quantisers for torch's kernel need triton, which does not import ({type(error).__name__}: {error})"
+    return None
+
+
+# --- the differentiable GEMM ---------------------------------------------------------------------
+
+
+class _TorchMXFP8(torch.autograd.Function):
+    """out = torch's MXFP8 grouped GEMM of q_K(A) and q_K(B); dA = q_N(dY) q_N(B)^T; dB = q_M(A)^T q_M(dY)
+    per group (or A^T dY in bf16 with ``wgrad_with_hp``). Groups are padded inside the quantisers;
+    the outputs are unpadded by one row gather each."""
+
+    @staticmethod
+    def forward(ctx, A, B_t, offs, gemm, wgrad_with_hp):  # type: ignore[override]
+        padding = token_group_padding(offs, A.shape[0], ALIGNMENT)
+        a = quantize_rows(A, padding)
+        along_k, along_n = quantize_weight(B_t, along_k=True, along_n=ctx.needs_input_grad[0])
+        assert along_k is not None
+        out = gemm(a.data, along_k.data.transpose(-2, -1), a.scales, along_k.scales, padding.padded_offs)
+        keep = (along_n.data, along_n.scales) if along_n is not None else ()
+        ctx.save_for_backward(A, offs, padding.padded_offs, padding.source_rows, padding.padded_positions, *keep)
+        ctx.gemm, ctx.wgrad_with_hp, ctx.padded_rows, ctx.b_shape, ctx.b_dtype = gemm, wgrad_with_hp, padding.padded_rows, B_t.shape, B_t.dtype
+        return gather_rows(out, padding.padded_positions)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        A, offs, padded_offs, source_rows, padded_positions, *kept = ctx.saved_tensors
+        padding = TokenGroupPadding(ALIGNMENT, A.shape[0], ctx.padded_rows, padded_offs, source_rows, padded_positions)
+        grad_out = grad_out.contiguous()
+        grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            weight_n, weight_n_scales = kept
+            g = quantize_rows(grad_out, padding)
+            grad_A = gather_rows(ctx.gemm(g.data, weight_n.transpose(-2, -1), g.scales, weight_n_scales, padded_offs), padded_positions).to(A.dtype)
+        if ctx.needs_input_grad[1]:
+            E = ctx.b_shape[0]
+            if ctx.wgrad_with_hp:
+                grad_B = wgrad_gemm(A, grad_out.to(A.dtype), offs, E, ctx.b_dtype)
+            else:
+                g_t, a_t = quantize_grouped_columns(grad_out, padding), quantize_grouped_columns(A, padding)
+                grad_B = ctx.gemm(g_t.data, a_t.data.t(), g_t.scales, a_t.scales, padded_offs).transpose(-2, -1).to(ctx.b_dtype)
+            sizes = torch.diff(offs, prepend=offs.new_zeros(1))  # empty groups: the kernel writes nothing
+            grad_B = torch.where((sizes > 0).view(-1, 1, 1), grad_B, torch.zeros((), dtype=grad_B.dtype, device=grad_B.device))
+        return grad_A, grad_B, None, None, None
+
+
+# The Triton launches and autograd.Function are not traced by torch.compile: a compiled caller
+# runs this call eagerly (a graph break), as it does a first resolve().
+@torch.compiler.disable
+def _apply(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, gemm: ScaledGroupedMM, wgrad_with_hp: bool) -> torch.Tensor:
+    return _TorchMXFP8.apply(A, B_t, offs, gemm, wgrad_with_hp)
+
+
+def torch_native_call(gemm: ScaledGroupedMM, wgrad_with_hp: bool) -> GroupedMMCall:
+    """torch's MXFP8 grouped GEMM as a ``call(A, B_t, offs, out_dtype)`` for ``backends.make_mxfp8``.
+
+    Any group sizes (the quantisers pad); the result is bf16 (torch's kernel emits nothing else).
+    """
+
+    def torch_mxfp8(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return _apply(A, B_t, offs, gemm, wgrad_with_hp)
+
+    return torch_mxfp8
+
+
+@dataclass(frozen=True)
+class TorchNative:
+    """What :func:`resolve_torch_native` found: the callable and its row, or every reason it is unavailable."""
+
+    fn: Optional[Any]
+    row: Optional[TorchGeneration]
+    smoke: Optional[Any]
+    reasons: tuple[str, ...]
+
+
+def resolve_torch_native(
+    device: torch.device, *, validate: bool, wgrad_with_hp: bool, shape_fallback: Optional[Any]
+) -> TorchNative:
+    """torch's own MXFP8 grouped GEMM on ``device`` behind mxfp8_compat's contract, or why not.
+
+    Row located and fingerprinted, device gate (torch's verdict), then the smoke run: MXFP8
+    recognised on the device before anything uses it. ``reasons`` of a success are notes.
+    """
+    from .backends import make_mxfp8
+
+    match = match_torch_generation()
+    if match.row is None:
+        return TorchNative(None, None, None, match.reasons or (f"no torch MXFP8 row fits torch {torch.__version__}",))
+    row = match.row
+    problem = torch_kernel_problem(row, device)
+    if problem is not None:
+        return TorchNative(None, row, None, match.reasons + (problem,))
+    fn = make_mxfp8(
+        torch_native_call(match.gemm(), wgrad_with_hp),
+        validate=validate,
+        contiguous_grad=True,
+        bf16_operands=True,
+        group_alignment=1,  # the quantisers pad, fused: nothing for the wrapper to pad
+        shape_multiple=BLOCK_SIZE,
+        shape_fallback=shape_fallback,
+        label=f"torch {torch.__version__} native MXFP8 ({match.location})",
+        float32_out=False,  # torch's MXFP8 grouped kernel emits bf16 only: float32 is the bf16 result upcast
+    )
+    smoke = probes.smoke_run(fn, device, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=wgrad_with_hp, exact=False)
+    if smoke.problem is not None:
+        return TorchNative(None, row, smoke, match.reasons + (f"torch's native MXFP8 ({row.key}, {match.location}) failed its smoke run: {smoke.problem}",))
+    return TorchNative(fn, row, smoke, match.reasons + (f"native MXFP8 through {match.location} (torch row {row.key}), mxfp8_compat's quantisers",))
