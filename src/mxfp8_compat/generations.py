@@ -15,6 +15,11 @@ between releases (the 4th parameter is ``block_size`` up to 0.17, ``bias`` from 
 row's entry is one torchao's own code calls; in each release's tox env,
 ``tests/test_wheel_conformance.py`` runs the row's native call (0.14+) through that wheel's
 autograd code, forward and backward, with only the sm_100 kernels replaced.
+
+:data:`TORCH_GENERATIONS` is the same discipline for the provider that is not torchao: torch's own
+MXFP8 grouped GEMM (rows per torch generation, newest first), fed by mxfp8_compat's quantisers
+(:mod:`mxfp8_compat.torch_native`); ``tests/test_torch_native_conformance.py`` runs its calls through
+torch's own code with only the sm_100 kernel stood in.
 """
 
 from __future__ import annotations
