@@ -33,8 +33,10 @@ from mxfp8_compat.quantize import mx_dequantize
 CALLS: list[tuple[str, str]] = []
 
 _E4M3, _E8M0 = torch.float8_e4m3fn, torch.float8_e8m0fnu
-BLOCKWISE_1X32 = int(torch.nn.functional.ScalingType.BlockWise1x32.value)
-SWIZZLE_32_4_4 = int(torch.nn.functional.SwizzleType.SWIZZLE_32_4_4.value)
+# Enum values as F.scaled_grouped_mm passes them (torch 2.10+; older torch has no such enums and no row)
+_F = torch.nn.functional
+BLOCKWISE_1X32 = int(_F.ScalingType.BlockWise1x32.value) if hasattr(_F, "ScalingType") else None
+SWIZZLE_32_4_4 = int(_F.SwizzleType.SWIZZLE_32_4_4.value) if hasattr(_F, "SwizzleType") else None
 
 
 class KernelAssertion(AssertionError):
