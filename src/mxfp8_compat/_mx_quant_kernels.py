@@ -170,8 +170,10 @@ def quantize_weight_kernel(
     n = tl.arange(0, 32)
     k = tl.arange(0, BK)
     k_ok = k0 + k < K
-    src = w_ptr + e * stride_e + n0.to(tl.int64) * stride_n + k0.to(tl.int64) * stride_k
-    x = _load_f32(src, n[:, None] * stride_n + k[None, :] * stride_k, k_ok[None, :], IN_BF16, HW_CVT)
+    s_n = tl.cast(stride_n, tl.int64)  # int64 addresses: a strided weight view can have any strides
+    s_k = tl.cast(stride_k, tl.int64)
+    src = w_ptr + e * stride_e + n0.to(tl.int64) * s_n + k0.to(tl.int64) * s_k
+    x = _load_f32(src, n[:, None] * s_n + k[None, :] * s_k, k_ok[None, :], IN_BF16, HW_CVT)
     bits = _abs_bits(x)
     if DO_K:
         cols_k = (K // 32 + 3) // 4 * 4

@@ -25,8 +25,6 @@ import functools
 import importlib
 import importlib.util
 import inspect
-import os
-import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Optional
@@ -35,6 +33,7 @@ import torch
 from packaging.version import InvalidVersion, Version
 
 from . import probes
+from ._kernel_launch import kernel_module, launch
 from .generations import TORCH_GENERATIONS, GroupedMMCall, ScaledGroupedMM, TorchGeneration
 from .quantize import BLOCK_SIZE, ScaleMode
 from .reference import wgrad_gemm
@@ -73,31 +72,9 @@ _E4M3 = torch.float8_e4m3fn
 _E8M0 = torch.float8_e8m0fnu
 
 
-@functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool) -> ModuleType:
     """The kernels module: compiled, or a second copy built for triton's interpreter (CPU tensors)."""
-    if not interpret:
-        from . import _mx_quant_kernels
-
-        return _mx_quant_kernels
-    import triton  # noqa: F401 - fail here if absent
-
-    name = f"{__package__}._mx_quant_kernels_interpreted"
-    path = os.path.join(os.path.dirname(__file__), "_mx_quant_kernels.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit when the module is executed
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    sys.modules[name] = module
-    return module
+    return kernel_module("_mx_quant_kernels", interpret)
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,7 +159,8 @@ def quantize_rows(x: torch.Tensor, padding: TokenGroupPadding, scale_mode: Scale
     scales = torch.zeros((row_scale_rows_bound(P, E), scale_cols), dtype=_E8M0, device=x.device)
     if P and cols and E:
         kernels, hw, options = _launch(x.device)
-        kernels.quantize_rows_kernel[(P // ALIGNMENT, -(-cols // ROWS_BC))](
+        launch(
+            kernels.quantize_rows_kernel, (P // ALIGNMENT, -(-cols // ROWS_BC)),
             _src(x, hw), padding.source_rows, _dst(data, hw), scales.view(torch.uint8), padding.padded_offs,
             rows, cols, E, scale_cols,
             IN_BF16=x.dtype == torch.bfloat16, HW_CVT=hw and USE_HW_CVT, BC=ROWS_BC, E_PAD=_pow2(E),
@@ -228,7 +206,8 @@ def quantize_weight(
     some = k_out if k_out is not None else n_out
     assert some is not None
     k_programs = -(-K // WEIGHT_BK)
-    kernels.quantize_weight_kernel[(E * (N // BLOCK_SIZE) * k_programs,)](
+    launch(
+        kernels.quantize_weight_kernel, (E * (N // BLOCK_SIZE) * k_programs,),
         w_t,
         _dst((k_out or some).data, hw), (k_out or some).scales.view(torch.uint8),
         _dst((n_out or some).data, hw), (n_out or some).scales.view(torch.uint8),
@@ -260,7 +239,8 @@ def quantize_grouped_columns(
     scales = torch.zeros((_round_up(cols, 128), column_scale_cols_bound(P, E)), dtype=_E8M0, device=x.device)
     if P and cols and E:
         kernels, hw, options = _launch(x.device)
-        kernels.quantize_grouped_columns_kernel[(P // ALIGNMENT, -(-cols // ROWS_BC))](
+        launch(
+            kernels.quantize_grouped_columns_kernel, (P // ALIGNMENT, -(-cols // ROWS_BC)),
             _src(x, hw), padding.source_rows, _dst(data, hw), scales.view(torch.uint8), padding.padded_offs,
             rows, cols, P, E,
             IN_BF16=x.dtype == torch.bfloat16, HW_CVT=hw and USE_HW_CVT, BC=ROWS_BC, E_PAD=_pow2(E),
