@@ -10,6 +10,7 @@ Modes:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import sys
@@ -300,17 +301,39 @@ def _resolve_uncached(mode: Mode, device: torch.device, validate: bool, wgrad_wi
         if mode != "auto":
             raise MXFP8Unavailable(mode, (_META_REASON,))
         return _bf16_resolution(ctx, mode, (_META_REASON,))
-    _probe_torchao(ctx)
+    ruled_out = _native_ruled_out(ctx) if mode == "auto" else None
+    if ruled_out is None:
+        _probe_torchao(ctx)
     if mode == "emulated":
         return _resolve_emulated(ctx)
-    native = _try_native(ctx, shape_fallback=ctx.bf16 if mode == "auto" else None)
+    native = ruled_out or _try_native(ctx, shape_fallback=ctx.bf16 if mode == "auto" else None)
     if isinstance(native, Resolution):
         return native
     if mode == "native":
         raise MXFP8Unavailable(mode, native)
     resolution = _bf16_resolution(ctx, mode, native)
-    log_once(f"mxfp8_compat: MXFP8 unavailable, using bf16 grouped GEMM ({'; '.join(resolution.reasons)})")
+    if _fallback_log.get():
+        log_once(f"mxfp8_compat: MXFP8 unavailable, using bf16 grouped GEMM ({'; '.join(resolution.reasons)})")
     return resolution
+
+
+#: False while select_grouped_mm() resolves: its UserWarning is then the one message of a fallback.
+_fallback_log: contextvars.ContextVar[bool] = contextvars.ContextVar("mxfp8_compat_fallback_log", default=True)
+
+
+def _native_ruled_out(ctx: _Context) -> Optional[tuple[str, ...]]:
+    """Why ``auto`` cannot go native on this device, decided without importing torchao; None to probe.
+
+    A CPU, or a CUDA device whose capability is not 10.x, runs no torchao release's native
+    kernel: importing torchao there would cost seconds (and its import noise) to learn nothing.
+    """
+    problem = probes.native_device_problem(ctx.device)
+    if problem is None:
+        return None
+    ctx.torchao_version = probes.installed_torchao_version()
+    if ctx.torchao_version is None:
+        return ("torchao is not installed", problem)
+    return (f"{problem}; torchao {ctx.torchao_version} is installed but was not imported (no release has a native kernel for this device)",)
 
 
 def _resolution(ctx: _Context, **fields: object) -> Resolution:
