@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union, get_args
+from typing import Callable, Literal, Optional, Union, get_args
 
 import torch
 
@@ -172,9 +173,29 @@ def _resolve_unpickled(mode: str, device: str, validate: bool, wgrad_with_hp: bo
     return resolve(mode, device=device, validate=validate, wgrad_with_hp=wgrad_with_hp, isolate=isolate)
 
 
+def _compiler_disabled(fn: Callable[..., Resolution]) -> Callable[..., Resolution]:
+    """``torch.compiler.disable(fn)``, made at the first call after torch._dynamo is imported.
+
+    Decorating at import would import torch._dynamo, seconds of a cold start that no resolve()
+    outside torch.compile needs; and nothing can trace a call before torch._dynamo is imported.
+    """
+    disabled: Optional[Callable[..., Resolution]] = None
+
+    @functools.wraps(fn)
+    def call(*args: object) -> Resolution:
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args)
+
+    return call
+
+
 # torch.compile cannot trace the probes (locks, subprocesses, real kernel runs): a first
 # resolve() inside a compiled function runs eagerly, as a graph break; cached ones are a lookup.
-@torch.compiler.disable
+@_compiler_disabled
 def _resolve_slow(
     key: tuple[object, ...],
     mode: Optional[str],
