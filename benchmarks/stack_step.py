@@ -11,8 +11,9 @@ Stacks (each skipped when its package is missing):
                select_grouped_mm vs the library's (install(mode=...))
 
 A step is forward, an MSE loss, backward and an AdamW step, on one layer with the same weights.
-The variants are timed in one process, interleaved round by round; the script prints the median
-time per step and its ratio to the stack as shipped. Nothing is asserted (times are for reading,
+The variants are timed in one process, interleaved round by round (the order rotates); the script prints the median
+and the minimum time per step and their ratios to the stack as shipped (on a shared machine the
+minimum is the steadier figure). Nothing is asserted (times are for reading,
 not for a test: a loaded machine moves them).
 """
 
@@ -54,17 +55,20 @@ def step_fn(module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> C
     return step
 
 
-def time_variants(variants: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, float]:
+def time_variants(variants: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for step in variants.values():  # warm-up (resolution, first-call allocations)
         step()
-    for _ in range(rounds):
-        for name, step in variants.items():
+    names = list(variants)
+    for round_index in range(rounds):
+        # rotate the order each round: no variant always runs first (or right after another)
+        for name in names[round_index % len(names):] + names[: round_index % len(names)]:
+            step = variants[name]
             start = time.perf_counter()
             for _ in range(steps):
                 step()
             times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def torchtitan_variants(args: argparse.Namespace, modes: list[str]) -> dict[str, Callable[[], None]]:
@@ -151,11 +155,15 @@ def main() -> None:
         except ImportError as error:
             print(f"{stack}: skipped ({error})")
             continue
-        medians = time_variants(variants, args.rounds, args.steps)
-        base = medians["as shipped"]
-        print(f"{stack}:")
-        for name, seconds in medians.items():
-            print(f"  {name:<12} {seconds * 1e3:9.2f} ms/step   {seconds / base:5.3f}x")
+        times = time_variants(variants, args.rounds, args.steps)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        best = {name: min(values) for name, values in times.items()}
+        print(f"{stack}:            median ms/step  ratio    min ms/step  ratio")
+        for name in times:
+            print(
+                f"  {name:<12} {median[name] * 1e3:14.2f} {median[name] / median['as shipped']:6.3f}x"
+                f" {best[name] * 1e3:14.2f} {best[name] / best['as shipped']:6.3f}x"
+            )
 
 
 if __name__ == "__main__":
