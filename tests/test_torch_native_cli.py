@@ -23,7 +23,7 @@ def test_json_shows_both_providers_with_reasons(no_torchao, monkeypatch):
     assert all(reason.startswith("torch provider: ") for reason in providers["torch"]["reasons"])
 
 
-def test_text_names_the_provider_that_runs(no_torchao, monkeypatch):
+def test_text_names_the_provider_that_runs(no_torchao, monkeypatch, native_capable_device):
     pytest.importorskip("triton")
     if torch_native.match_torch_generation().row is None:
         pytest.skip("no torch MXFP8 row for this torch")

@@ -40,8 +40,8 @@ PROBLEMS = {
 
 
 @pytest.fixture
-def sm100(monkeypatch):
-    """torch's sm_100 kernel stood in for the CPU; the device gate (needs a 10.x GPU) passed."""
+def sm100(monkeypatch, native_capable_device):
+    """torch's sm_100 kernel stood in for the CPU; the device gates (both need a 10.x GPU) passed."""
     monkeypatch.delenv("MXFP8_COMPAT_PROVIDER", raising=False)
     monkeypatch.setattr(torch_native, "torch_kernel_problem", lambda row, device: None)
     with standin.install() as calls:
@@ -211,7 +211,7 @@ def test_auto_on_sm100_without_torchao_takes_torch(sm100, no_torchao, caplog):
         resolve("native", device="cpu", provider="torchao")
 
 
-def test_auto_prefers_torchao_when_it_passes(monkeypatch):
+def test_auto_prefers_torchao_when_it_passes(monkeypatch, native_capable_device):
     """torchao's native row first; torch's is not even probed then."""
     taken = resolve("off", device="cpu")
 

@@ -14,12 +14,14 @@ mxfp8_compat's quantisers (:mod:`mxfp8_compat.torch_native`). ``provider`` picks
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union, get_args
+from typing import Callable, Literal, Optional, Union, get_args
 
 import torch
 
@@ -200,9 +202,29 @@ def _resolve_unpickled(
     return resolve(mode, device=device, validate=validate, wgrad_with_hp=wgrad_with_hp, isolate=isolate, provider=provider)
 
 
+def _compiler_disabled(fn: Callable[..., Resolution]) -> Callable[..., Resolution]:
+    """``torch.compiler.disable(fn)``, made at the first call after torch._dynamo is imported.
+
+    Decorating at import would import torch._dynamo, seconds of a cold start that no resolve()
+    outside torch.compile needs; and nothing can trace a call before torch._dynamo is imported.
+    """
+    disabled: Optional[Callable[..., Resolution]] = None
+
+    @functools.wraps(fn)
+    def call(*args: object) -> Resolution:
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args)
+
+    return call
+
+
 # torch.compile cannot trace the probes (locks, subprocesses, real kernel runs): a first
 # resolve() inside a compiled function runs eagerly, as a graph break; cached ones are a lookup.
-@torch.compiler.disable
+@_compiler_disabled
 def _resolve_slow(
     key: tuple[object, ...],
     mode: Optional[str],
@@ -345,28 +367,53 @@ def _resolve_uncached(
         if mode != "auto":
             raise MXFP8Unavailable(mode, (_META_REASON,))
         return _bf16_resolution(ctx, mode, (_META_REASON,))
-    if provider == "torch" and mode != "emulated":
+    # auto on a device no native kernel runs on (CPU; CUDA not 10.x) decides without importing torchao
+    ruled_out = _native_ruled_out(ctx) if mode == "auto" else None
+    if ruled_out is not None:
+        pass
+    elif provider == "torch" and mode != "emulated":
         ctx.torchao_version = probes.installed_torchao_version()  # reported, never imported
     else:
         _probe_torchao(ctx)
     if mode == "emulated":
         return _resolve_emulated(ctx)
-    shape_fallback = ctx.bf16 if mode == "auto" else None
-    native: Union[Resolution, tuple[str, ...]] = ()
-    if provider in (None, "torchao"):
-        native = _try_native(ctx, shape_fallback=shape_fallback)
-        if isinstance(native, Resolution):
-            return dataclasses.replace(native, provider="torchao")
-    if provider in (None, "torch"):
-        found = _try_torch_native(ctx, mode, shape_fallback)
-        if isinstance(found, Resolution):  # with the reasons torchao's was not taken
-            return dataclasses.replace(found, reasons=native + found.reasons)  # type: ignore[operator]
-        native = native + found  # type: ignore[operator]
+    native: Union[Resolution, tuple[str, ...]] = ruled_out or ()
+    if ruled_out is None:
+        shape_fallback = ctx.bf16 if mode == "auto" else None
+        if provider in (None, "torchao"):
+            native = _try_native(ctx, shape_fallback=shape_fallback)
+            if isinstance(native, Resolution):
+                return dataclasses.replace(native, provider="torchao")
+        if provider in (None, "torch"):
+            found = _try_torch_native(ctx, mode, shape_fallback)
+            if isinstance(found, Resolution):  # with the reasons torchao's was not taken
+                return dataclasses.replace(found, reasons=native + found.reasons)  # type: ignore[operator]
+            native = native + found  # type: ignore[operator]
     if mode == "native":
         raise MXFP8Unavailable(mode, native)
     resolution = _bf16_resolution(ctx, mode, native)
-    log_once(f"mxfp8_compat: MXFP8 unavailable, using bf16 grouped GEMM ({'; '.join(resolution.reasons)})")
+    if _fallback_log.get():
+        log_once(f"mxfp8_compat: MXFP8 unavailable, using bf16 grouped GEMM ({'; '.join(resolution.reasons)})")
     return resolution
+
+
+#: False while select_grouped_mm() resolves: its UserWarning is then the one message of a fallback.
+_fallback_log: contextvars.ContextVar[bool] = contextvars.ContextVar("mxfp8_compat_fallback_log", default=True)
+
+
+def _native_ruled_out(ctx: _Context) -> Optional[tuple[str, ...]]:
+    """Why ``auto`` cannot go native on this device, decided without importing torchao; None to probe.
+
+    A CPU, or a CUDA device whose capability is not 10.x, runs no torchao release's native
+    kernel: importing torchao there would cost seconds (and its import noise) to learn nothing.
+    """
+    problem = probes.native_device_problem(ctx.device)
+    if problem is None:
+        return None
+    ctx.torchao_version = probes.installed_torchao_version()
+    if ctx.torchao_version is None:
+        return ("torchao is not installed", problem)
+    return (f"{problem}; torchao {ctx.torchao_version} is installed but was not imported (no release has a native kernel for this device)",)
 
 
 def _resolution(ctx: _Context, **fields: object) -> Resolution:
