@@ -14,6 +14,8 @@ sum), and against float64 torchao's own thresholds, 27 / 25 / 24 dB.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 
 import pytest
@@ -112,10 +114,11 @@ def test_the_row_for_this_torch():
     assert torch_native.match_torch_generation("not a version").reasons[0].startswith("torch version")
 
 
+@needs_row
 def test_fingerprint_mismatch_is_a_reason(monkeypatch):
-    row = TORCH_GENERATIONS[0]
-    broken = type(row)(**{**row.__dict__, "fingerprint": row.fingerprint + ("no_such_parameter",)})
-    match = torch_native.match_torch_generation("2.15.0", table=(broken,))
+    """The row this torch matches, with one parameter its entry lacks, no longer matches (reason names it)."""
+    broken = dataclasses.replace(ROW, fingerprint=ROW.fingerprint + ("no_such_parameter",))
+    match = torch_native.match_torch_generation(torch.__version__, table=(broken,))
     assert match.row is None and "no_such_parameter" in match.reasons[0]
 
 
