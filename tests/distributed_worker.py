@@ -552,7 +552,18 @@ def scenario_isolation(ctx: Context, mode: str) -> Checks:
     return checks
 
 
+def scenario_hang(ctx: Context, mode: str) -> Checks:
+    """Write this rank's pid next to the reports, then block in a collective (the interrupt test's subject)."""
+    out = Path(os.environ["MXFP8_COMPAT_HANG_DIR"])
+    (out / f"pid{ctx.rank}").write_text(str(os.getpid()))
+    if ctx.rank == 0:
+        threading.Event().wait(600)  # rank 1 waits in the barrier below meanwhile
+    dist.barrier()
+    return Checks()
+
+
 SCENARIOS: dict[str, Callable[[Context, str], Checks]] = {
+    "hang": scenario_hang,
     "fsdp": scenario_fsdp,
     "ep": scenario_ep,
     "dtensor": scenario_dtensor,
@@ -561,7 +572,33 @@ SCENARIOS: dict[str, Callable[[Context, str], Checks]] = {
 }
 
 
+def exit_with_parent() -> None:
+    """Die when the launching process does (pytest killed by tox's interrupt): no rank outlives its run.
+
+    A rank blocked in a collective never reaches Python code that could notice, so a daemon thread
+    watches the parent pid (re-parenting changes it), and on Linux the kernel is asked as well.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(3)
+            threading.Event().wait(1.0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    exit_with_parent()
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)

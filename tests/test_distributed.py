@@ -93,3 +93,52 @@ def test_isolated_probe_and_cache_from_several_ranks(tmp_path):
     checks = passed(report, "isolation")
     assert {"one smoke run in this process", "one verdict file, nothing else"} <= names(checks)
     assert len(list((tmp_path / "verdicts").iterdir())) == 1
+
+
+_LAUNCH_AND_HANG = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from distributed_launch import launch
+launch(Path(sys.argv[1]), ["hang"])
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_no_rank_outlives_an_interrupted_launch(tmp_path, how):
+    """Killing the launcher (tox's interrupt ends in SIGKILL) takes its ranks with it, even ones blocked in a collective."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, MXFP8_COMPAT_HANG_DIR=str(tmp_path))
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCH_AND_HANG, str(tmp_path / "run"), str(here)], env=env)
+    pid_files = [tmp_path / f"pid{rank}" for rank in range(WORLD)]
+    deadline = time.monotonic() + 240
+    while not all(p.exists() and p.read_text() for p in pid_files):
+        assert launcher.poll() is None, f"the launcher exited early ({launcher.returncode})"
+        assert time.monotonic() < deadline, "the ranks never reached the hang scenario"
+        time.sleep(0.5)
+    ranks = [int(p.read_text()) for p in pid_files]
+    time.sleep(1.0)  # rank 1 is in the barrier now
+    launcher.send_signal(getattr(signal, how))
+    launcher.wait(timeout=60)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie of the dead launcher's is gone for our purpose
+        stat = Path(f"/proc/{pid}/stat")
+        return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [pid for pid in ranks if alive(pid)]
+    for pid in left:  # never leave them running, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks {left} outlived the launcher ({how})"
