@@ -23,7 +23,7 @@ WORKER = HERE / "distributed_worker.py"
 ROOT = HERE.parent
 WORLD = 2
 TIMEOUT_S = float(os.environ.get("MXFP8_COMPAT_DIST_TIMEOUT", "420"))
-MODEL_SCENARIOS = ["fsdp:off", "fsdp:emulated", "ep:off", "ep:emulated", "dtensor:off", "dtensor:emulated", "readme"]
+MODEL_SCENARIOS = ["fsdp:off", "fsdp:emulated", "ep:off", "ep:emulated", "dtensor:off", "dtensor:emulated"]
 
 
 class LaunchError(AssertionError):

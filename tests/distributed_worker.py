@@ -454,30 +454,6 @@ def scenario_dtensor(ctx: Context, mode: str) -> Checks:
     return checks
 
 
-# --- the README section -------------------------------------------------------------------------
-
-
-def scenario_readme(ctx: Context, mode: str) -> Checks:
-    """Run the python blocks of README.md's "Distributed training" section, in order, in one namespace, on every rank."""
-    import re
-
-    checks = Checks()
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = re.search(r"^### Distributed training\n(.*?)(?=^#{2,3} )", readme, re.S | re.M)
-    checks.add("README has a Distributed training section", section is not None)
-    if section is None:
-        return checks
-    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
-    checks.add("the section has its three examples", len(blocks) == 3, blocks=len(blocks))
-    namespace: dict[str, Any] = {"__name__": "__readme__"}
-    for index, block in enumerate(blocks):
-        namespace.pop("checked", None)
-        exec(compile(block, f"README.md distributed example {index}", "exec"), namespace)  # noqa: S102 - our README
-        checks.add(f"example {index} ran and checked its result", namespace.get("checked") is True)
-        dist.barrier()
-    return checks
-
-
 # --- isolation and the resolution cache from several ranks --------------------------------------
 
 
@@ -567,7 +543,6 @@ SCENARIOS: dict[str, Callable[[Context, str], Checks]] = {
     "fsdp": scenario_fsdp,
     "ep": scenario_ep,
     "dtensor": scenario_dtensor,
-    "readme": scenario_readme,
     "isolation": scenario_isolation,
 }
 

@@ -18,7 +18,7 @@ applies where. Here each comparison becomes an assertion.
   global batch; the all-reduced router gradient within the float32 reordering bound.
 * ``dtensor``: the placement rules of ``mxfp8_compat.distributed`` against unsharded calls,
   no communication inside the GEMM, and the ValueErrors.
-* ``readme``: the README's "Distributed training" examples, on every rank.
+* the README's FSDP2 + expert-parallel script, under the ``torchrun`` command the README prints.
 * ``isolation``: ``resolve(isolate=True)`` from three threads on each rank, one cache
   directory: one smoke run per process, one intact verdict file.
 """
@@ -84,8 +84,33 @@ def test_dtensor_arguments_compute_on_local_shards_or_raise(main_run, mode):
     assert sum(1 for c in checks if c["name"].endswith("no communication")) == 3
 
 
-def test_readme_distributed_examples_run(main_run):
-    passed(main_run, "readme")
+def test_readme_torchrun_script_runs_as_pasted(tmp_path):
+    """The README's FSDP2 + expert-parallel script, saved under its name and run by the torchrun command it prints."""
+    import signal
+    import subprocess
+
+    from distributed_launch import TIMEOUT_S
+    from readme_blocks import python_blocks
+
+    (script,) = [b for b in python_blocks() if b.torchrun]
+    command = script.torchrun
+    assert command[0] == "torchrun" and command[-1].endswith(".py"), command
+    (tmp_path / command[-1]).write_text(script.code)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MXFP8_COMPAT_")}
+    if BACKEND == "gloo":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the script then takes the CPU and gloo, as on a machine without GPUs
+    # `torchrun` is torch.distributed.run's console script: the same entry point, of this interpreter
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *command[1:]], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = proc.communicate(timeout=TIMEOUT_S)[0]
+    finally:  # torchrun's workers go with it, also when this test is interrupted or times out
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-6000:]
+    for rank in range(WORLD):
+        assert f"rank {rank}: " in output and "FSDP2 loss" in output, output[-3000:]
 
 
 def test_isolated_probe_and_cache_from_several_ranks(tmp_path):
