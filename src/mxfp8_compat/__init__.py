@@ -5,7 +5,7 @@
     out = grouped_mm(A, B, offs)    # same contract as torch._grouped_mm
     print(grouped_mm.backend, grouped_mm.reasons)
 
-See README.md for modes, the adapter table and the compatibility matrix.
+See README.md for the contract and docs/reference.md for the modes, the adapter table and the numerics.
 """
 
 from __future__ import annotations
