@@ -64,7 +64,11 @@ def raw_call(res: mxfp8_compat.Resolution) -> Callable:
     """The callable the shim wraps, for this resolution."""
     if res.backend == "bf16":
         return lambda A, B, offs: torch._grouped_mm(A, B, offs=offs)
-    if res.emulation == "reference":
+    if res.emulation == "fast":  # the fast emulation itself, without the shim around it
+        from mxfp8_compat.fast_emulation import fast_mxfp8_grouped_mm
+
+        return lambda A, B, offs: fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, wgrad_with_hp=True)
+    if res.emulation == "reference" or res.generation is None:
         from mxfp8_compat.reference import mxfp8_grouped_mm_reference
 
         mode = res.generation.scale_mode if res.generation else mxfp8_compat.reference.DEFAULT_SCALE_MODE

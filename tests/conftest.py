@@ -56,6 +56,16 @@ def no_torchao(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(probes, "installed_torchao_version", lambda: None)
 
 
+@pytest.fixture
+def native_capable_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``resolve("auto")`` probe torchao on this CPU, as on a device that could run native MXFP8.
+
+    On a CPU it otherwise decides from the device alone, without importing torchao: tests of
+    what the torchao probes find (faults, rows) need them to run.
+    """
+    monkeypatch.setattr(probes, "native_device_problem", lambda device: None)
+
+
 @dataclass
 class FakeTorchao:
     version: str

@@ -115,7 +115,7 @@ def test_nightly_layout_in_fp8_grouped_mm_module_is_found(fake_torchao):
     assert res.generation.key == "0.18" and res.emulation == "torchao"
 
 
-def test_older_than_table_is_rejected(fake_torchao):
+def test_older_than_table_is_rejected(fake_torchao, native_capable_device):
     fake_torchao("0.12.0", fakes.GEN_012)
     res = resolve("auto", device="cpu")
     assert res.backend == "bf16"
@@ -133,7 +133,7 @@ IMPORT_FAILURES = [
 
 
 @pytest.mark.parametrize("statement, kind", IMPORT_FAILURES, ids=[k for _, k in IMPORT_FAILURES])
-def test_import_failures_become_reasons(fake_torchao, caplog, statement, kind):
+def test_import_failures_become_reasons(fake_torchao, native_capable_device, caplog, statement, kind):
     fake_torchao("0.16.0", fakes.import_raising(statement))
     with caplog.at_level(logging.WARNING, logger="mxfp8_compat"):
         res = resolve("auto", device="cpu")
@@ -213,7 +213,7 @@ def test_smoke_run_rejects_wrong_values(fake_torchao, fake_mode, verdict):
     assert any("failed its smoke run" in r and verdict in r for r in res.reasons), res.reasons
 
 
-def test_native_assertion_sm100_unavailable_is_a_reason(fake_torchao, monkeypatch):
+def test_native_assertion_sm100_unavailable_is_a_reason(fake_torchao, native_capable_device, monkeypatch):
     fake = fake_torchao("0.18.0", fakes.GEN_018)
     monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
     res = resolve("auto", device="cpu")  # fake kernel raises AssertionError('SM100 kernels not available')
@@ -222,7 +222,7 @@ def test_native_assertion_sm100_unavailable_is_a_reason(fake_torchao, monkeypatc
     assert fake.impl.CALLS
 
 
-def test_first_call_runtime_error_is_a_reason(fake_torchao, monkeypatch):
+def test_first_call_runtime_error_is_a_reason(fake_torchao, native_capable_device, monkeypatch):
     files = {k: v.replace('raise AssertionError(\n                    "SM100 kernels not available. Please use use torchao CUDA 12.8+ build on SM100/100a device(s)."\n                )',
                           'raise RuntimeError("0 active drivers ([]). There should only be one.")') for k, v in fakes._ENUMS.items() if k == "torchao/_fake_impl.py"}
     assert "0 active drivers" in files["torchao/_fake_impl.py"]

@@ -68,7 +68,7 @@ def test_mxfp8_shape_requirements_raise_in_emulated_mode(no_torchao):
         resolve("emulated", device="cpu")(p.A, p.B, p.offs)
 
 
-def test_auto_runs_unaligned_shapes_in_bf16_and_logs_once(fake_torchao, monkeypatch, caplog):
+def test_auto_runs_unaligned_shapes_in_bf16_and_logs_once(fake_torchao, native_capable_device, monkeypatch, caplog):
     """In auto mode a call MXFP8 cannot take runs in bf16 (logged once); native mode raises."""
     import fakes
     from mxfp8_compat import probes

@@ -114,7 +114,7 @@ def _kernels_assert_alignment(fake, monkeypatch, multiple: int, calls: list) -> 
 
 
 @pytest.mark.parametrize("row", sorted(FAKES))
-def test_native_paths_take_any_group_sizes(fake_torchao, monkeypatch, caplog, row):
+def test_native_paths_take_any_group_sizes(fake_torchao, native_capable_device, monkeypatch, caplog, row):
     version, files, multiple = FAKES[row]
     fake = fake_torchao(version, files)
     calls: list = []
@@ -154,7 +154,7 @@ def test_emulated_torchao_rows_take_any_group_sizes(fake_torchao, monkeypatch, r
     assert torch.equal(out, ref[0]) and sqnr_db(ref[1], dA) > 60 and sqnr_db(ref[2], dB) > 60
 
 
-def test_groups_aligned_promise_skips_padding_and_is_checked(fake_torchao, monkeypatch):
+def test_groups_aligned_promise_skips_padding_and_is_checked(fake_torchao, native_capable_device, monkeypatch):
     fake = fake_torchao("0.18.0", fakes.GEN_018)
     calls: list = []
     _kernels_assert_alignment(fake, monkeypatch, 128, calls)

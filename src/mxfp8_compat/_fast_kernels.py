@@ -111,7 +111,8 @@ def _blocks_job(x_ptr, y_ptr, n_blocks, pid, RCEIL: tl.constexpr, IN_BF16: tl.co
     dimension is a multiple of 32 (so every run of 32 elements is one block)."""
     base = pid.to(tl.int64) * (BLOCKS * 32)
     offsets = tl.arange(0, BLOCKS)[:, None] * 32 + tl.arange(0, 32)[None, :]
-    mask = offsets < (n_blocks * 32 - base)
+    # int64: n_blocks * 32 is the element count, 2**31 and more for a 262144 x 8192 activation
+    mask = offsets < (tl.cast(n_blocks, tl.int64) * 32 - base)
     x = _load_f32(x_ptr + base, offsets, mask, IN_BF16, HW_CVT)
     amax = _max(_abs_bits(x), 1)
     _store_bf16(y_ptr + base, offsets, _fake_quant(x, amax[:, None], RCEIL, HW_CVT), mask, HW_CVT)
@@ -132,10 +133,15 @@ def _weight_job(x_ptr, yk_ptr, yn_ptr, N, K, stride_e, stride_n, stride_k, q, k_
     n = tl.arange(0, 32)
     k = tl.arange(0, BK)
     mask = (k0 + k < K)[None, :]
-    src = x_ptr + (e * stride_e + n0.to(tl.int64) * stride_n + k0.to(tl.int64) * stride_k)
-    dst_base = e * N * K + n0.to(tl.int64) * K + k0
-    dst = n[:, None] * K + k[None, :]
-    x = _load_f32(src, n[:, None] * stride_n + k[None, :] * stride_k, mask, IN_BF16, HW_CVT)
+    # Every address term in int64: a strided weight view can have any strides, and E * N * K
+    # (the outputs' size) passes 2**31 at real sizes.
+    K64 = tl.cast(K, tl.int64)
+    s_n = tl.cast(stride_n, tl.int64)
+    s_k = tl.cast(stride_k, tl.int64)
+    src = x_ptr + (e * stride_e + n0.to(tl.int64) * s_n + k0.to(tl.int64) * s_k)
+    dst_base = e * N * K64 + n0.to(tl.int64) * K64 + k0
+    dst = n[:, None] * K64 + k[None, :]
+    x = _load_f32(src, n[:, None] * s_n + k[None, :] * s_k, mask, IN_BF16, HW_CVT)
     bits = _abs_bits(x)
     if DO_K:
         amax_k = _max(tl.reshape(bits, (32, BK // 32, 32)), 2)
@@ -213,8 +219,17 @@ def quantize_grouped_rows_kernel(
 
     Programs [0, n_block_programs) take the groups' row blocks in order (the block index is
     mapped to its group on device); the others zero 32 rows each after offs[-1]."""
-    pid = tl.program_id(0)
-    c0 = tl.program_id(1) * BC
+    _grouped_rows_job(x_ptr, y_ptr, offs_ptr, M, C, E, n_block_programs, tl.program_id(0), tl.program_id(1),
+                      RCEIL, IN_BF16, HW_CVT, E_PAD, BC)
+
+
+# Each kernel's body is a job that takes its program ids as arguments, so that the bounds tests
+# (tests/test_kernel_bounds.py) can run any one program, the last of a 2**31-element tensor
+# included, in triton's interpreter.
+@triton.jit
+def _grouped_rows_job(x_ptr, y_ptr, offs_ptr, M, C, E, n_block_programs, pid, c_pid, RCEIL: tl.constexpr,
+                      IN_BF16: tl.constexpr, HW_CVT: tl.constexpr, E_PAD: tl.constexpr, BC: tl.constexpr):
+    c0 = c_pid * BC
     cols = tl.arange(0, BC)
     col_mask = (c0 + cols < C)[None, :]
     rows32 = tl.arange(0, 32)
@@ -233,7 +248,7 @@ def quantize_grouped_rows_kernel(
             row0 = g_start + (pid - first_block) * 32
             rows = row0 + rows32
             mask = ((rows < g_end) & (rows < M) & (rows >= 0))[:, None] & col_mask
-            base = row0.to(tl.int64) * C + c0
+            base = row0.to(tl.int64) * C + c0  # int64: M * C passes 2**31 at real sizes
             x = _load_f32(x_ptr + base, tile, mask, IN_BF16, HW_CVT)
             amax = _max(_abs_bits(x), 0)
             _store_bf16(y_ptr + base, tile, _fake_quant(x, amax[None, :], RCEIL, HW_CVT), mask, HW_CVT)
@@ -274,7 +289,13 @@ def zero_unused_kernel(
     empty group. Program p < a_programs covers elements [p, p + 1) * BLOCK * ITERS of grad_A,
     the others one such chunk of one expert's gradient; a chunk with nothing to zero returns at
     once (the grid does not depend on offs, so nothing is read on the host)."""
-    pid = tl.program_id(0)
+    _zero_unused_job(grad_a_ptr, grad_b_ptr, offs_ptr, M, K, E, KN, a_programs, b_programs, tl.program_id(0),
+                     E_PAD, BLOCK, ITERS)
+
+
+@triton.jit
+def _zero_unused_job(grad_a_ptr, grad_b_ptr, offs_ptr, M, K, E, KN, a_programs, b_programs, pid,
+                     E_PAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     idx, starts, ends, last = _group_bounds(offs_ptr, E, E_PAD)
     if pid < a_programs:
         lo = tl.minimum(tl.maximum(last, 0), M).to(tl.int64) * K

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._kernel_launch import launch
+
 __all__ = ["gather_rows", "token_group_layout", "zero_rows_after"]
 
 
@@ -19,14 +21,24 @@ def _gather_rows_kernel(
     x_ptr, index_ptr, out_ptr, n_src, n_out, n_cols, stride_xr, stride_xc,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _gather_rows_job(x_ptr, index_ptr, out_ptr, n_src, n_out, n_cols, stride_xr, stride_xc,
+                     tl.program_id(0), tl.program_id(1), BLOCK_R, BLOCK_C)
+
+
+# Kernel bodies are jobs taking their program ids, so that tests/test_kernel_bounds.py can run
+# any one program (past 2**31 elements) in triton's interpreter.
+@triton.jit
+def _gather_rows_job(x_ptr, index_ptr, out_ptr, n_src, n_out, n_cols, stride_xr, stride_xc, pid_r, pid_c,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < n_out
     src = tl.load(index_ptr + rows, mask=row_ok, other=n_src)
     keep = src < n_src
     col_ok = cols < n_cols
+    # int64 addresses: a column-strided x (stride_xc = M) reaches 2**31 elements at M * N >= 2**31
     values = tl.load(
-        x_ptr + src[:, None].to(tl.int64) * stride_xr + cols[None, :] * stride_xc,
+        x_ptr + src[:, None].to(tl.int64) * stride_xr + cols[None, :].to(tl.int64) * stride_xc,
         mask=keep[:, None] & col_ok[None, :],
         other=0.0,
     )
@@ -35,7 +47,10 @@ def _gather_rows_kernel(
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``out[r] = x[index[r]]`` (zeros where ``index[r] >= len(x)``), one read and one write per row."""
+    """``out[r] = x[index[r]]`` (zeros where ``index[r] >= len(x)``), one read and one write per row.
+
+    ``x`` may have any strides; ``index`` is read as a flat array (the launch makes it contiguous).
+    """
     n_out, n_cols = index.shape[0], x.shape[1]
     out = x.new_empty((n_out, n_cols))
     if n_out == 0 or n_cols == 0:
@@ -43,7 +58,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     block_c = min(256, triton.next_power_of_2(n_cols))
     block_r = max(1, 4096 // block_c)
     grid = (triton.cdiv(n_out, block_r), triton.cdiv(n_cols, block_c))
-    _gather_rows_kernel[grid](
+    launch(
+        _gather_rows_kernel, grid,
         x, index, out, x.shape[0], n_out, n_cols, x.stride(0), x.stride(1),
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
@@ -98,7 +114,8 @@ def token_group_layout(
     block_e = max(16, triton.next_power_of_2(groups))
     block_r = max(8, min(256, 2048 // block_e))
     grid = (max(1, triton.cdiv(max(rows, padded_rows), block_r)),)
-    _layout_kernel[grid](
+    launch(
+        _layout_kernel, grid,
         offs, padded_offs, source_rows, padded_positions, groups, rows, padded_rows, alignment,
         BLOCK_E=block_e, BLOCK_R=block_r, num_warps=4,
     )
@@ -107,9 +124,16 @@ def token_group_layout(
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _zero_rows_after_kernel(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    _zero_rows_after_job(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, tl.program_id(0), tl.program_id(1),
+                         BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _zero_rows_after_job(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, pid_r, pid_c,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     end = tl.load(offs_ptr + last)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     # Rows before offs[-1] are masked off: their blocks store nothing, so only the tail's bytes move.
     mask = ((rows >= end) & (rows < n_rows))[:, None] & (cols < n_cols)[None, :]
     zeros = tl.zeros((BLOCK_R, BLOCK_C), dtype=x_ptr.dtype.element_ty)
@@ -123,6 +147,7 @@ def zero_rows_after(x: torch.Tensor, offs: torch.Tensor) -> None:
     block_c = min(256, triton.next_power_of_2(x.shape[1]))
     block_r = max(1, 4096 // block_c)
     grid = (triton.cdiv(x.shape[0], block_r), triton.cdiv(x.shape[1], block_c))
-    _zero_rows_after_kernel[grid](
-        x, offs, offs.shape[0] - 1, x.shape[0], x.shape[1], x.stride(0), BLOCK_R=block_r, BLOCK_C=block_c
+    launch(
+        _zero_rows_after_kernel, grid,
+        x, offs, offs.shape[0] - 1, x.shape[0], x.shape[1], x.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
     )

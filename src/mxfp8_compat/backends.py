@@ -27,6 +27,8 @@ from .validation import (
     check_metadata,
     check_offs_values,
     group_alignment_problem,
+    grouped_mm_stride_problem,
+    is_empty_problem,
     mxfp8_shape_problem,
 )
 
@@ -70,24 +72,64 @@ def _compiling() -> bool:
 def _retry_or_raise(
     error: Exception, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: object, bias: object
 ) -> torch.Tensor:
-    """torch._grouped_mm rejected a call: name the argument, or run what it cannot (strided operands).
+    """torch._grouped_mm raised ``error``: name the argument, run what only its strides stopped, or re-raise.
 
     Metadata errors become the metadata check's ValueError/TypeError (chained to torch's).
-    When the metadata is valid, torch refused the operands' strides (e.g. B strided along
-    N): the call runs on contiguous copies, as the MXFP8 paths do, and says so once.
+    A layout torch's stride rule refuses (decided from the strides, as torch decides: see
+    :func:`~mxfp8_compat.validation.grouped_mm_stride_problem`) runs on contiguous copies and
+    says so once; a layout no copy can fix (rows not a multiple of 16 bytes) is a ValueError
+    naming the operand. Every other error (out of memory, a device-side assert, a sync-debug
+    error) propagates untouched: copying operands cannot help it.
     """
     try:
         check_metadata(A, B, offs, out_dtype, bias)
     except (TypeError, ValueError) as clear:
         raise clear from error
-    if A.is_contiguous() and B.is_contiguous():
-        raise error
-    log_once(
-        "mxfp8_compat: torch._grouped_mm rejects the strides of A or B "
-        f"(A strides {A.stride()}, B strides {B.stride()}: {str(error).splitlines()[0][:120]}); "
-        "such calls run on contiguous copies (store B contiguous, or per-group column-major, to avoid the copy)"
-    )
-    return _bf16_call(A.contiguous(), B.contiguous(), offs, out_dtype)
+    for name, operand in (("A", A), ("B", B)):
+        problem = grouped_mm_stride_problem(name, operand)
+        if problem is None:
+            continue
+        dense = grouped_mm_stride_problem(name, operand.contiguous())
+        if dense is not None:
+            raise ValueError(f"{name}: torch._grouped_mm cannot take this operand in any layout: {dense}") from error
+        log_once(
+            f"mxfp8_compat: torch._grouped_mm rejects the layout of {name} ({problem}); "
+            "such calls run on contiguous copies (store B contiguous, or per-group column-major, to avoid the copy)"
+        )
+        return _bf16_call(A.contiguous(), B.contiguous(), offs, out_dtype)
+    raise error
+
+
+class _EmptyGroupedMM(torch.autograd.Function):
+    """A call with nothing to multiply (M, K, N or E zero): (M, N) zeros, zero gradients, no GEMM.
+
+    The contract module's answer for every mode (see :func:`~mxfp8_compat.validation.is_empty_problem`);
+    nothing is saved but shapes.
+    """
+
+    @staticmethod
+    def forward(A: torch.Tensor, B: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+        return A.new_zeros((A.shape[0], B.shape[2]), dtype=out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+        A, B, _ = inputs
+        ctx.operands = ((A.shape, A.dtype), (B.shape, B.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def, override]
+        (a_shape, a_dtype), (b_shape, b_dtype) = ctx.operands
+        grad_A = torch.zeros(a_shape, dtype=a_dtype, device=grad.device) if ctx.needs_input_grad[0] else None
+        grad_B = torch.zeros(b_shape, dtype=b_dtype, device=grad.device) if ctx.needs_input_grad[1] else None
+        return grad_A, grad_B, None
+
+
+def empty_grouped_mm(A: torch.Tensor, B: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The result of a call with nothing to multiply: (M, N) zeros in ``out_dtype`` (None: A's), differentiable."""
+    out_dtype = out_dtype or A.dtype
+    if A.requires_grad or B.requires_grad:
+        return _EmptyGroupedMM.apply(A, B, out_dtype)
+    return A.new_zeros((A.shape[0], B.shape[2]), dtype=out_dtype)
 
 
 def _bf16_call(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: object) -> torch.Tensor:
@@ -124,7 +166,9 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
             check_metadata(A, B, offs, out_dtype, bias)
             if validate and not _compiling():
                 check_offs_values(A, offs)
-            return grouped_mm_fallback(A, B, offs, out_dtype or A.dtype)
+            if is_empty_problem(A, B):
+                return empty_grouped_mm(A, B, out_dtype)
+            return grouped_mm_fallback(A, B, offs.contiguous(), out_dtype or A.dtype)
 
         return dtensor_aware(bf16_grouped_mm_loop)
 
@@ -147,22 +191,32 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
         try:
             # The hot path checks only what torch._grouped_mm would accept silently (3D A
             # or 2D B are its other modes; offs None; float16; a device mix involving the
-            # CPU or meta) and lets torch check the rest.
+            # CPU or meta) or mishandle (nothing to multiply; a strided offs, which its CUDA
+            # kernel reads as if contiguous) and lets torch check the rest.
+            a_shape, b_shape = A.shape, B.shape
             if (
-                len(A.shape) == 2
-                and len(B.shape) == 3
+                len(a_shape) == 2
+                and len(b_shape) == 3
+                and a_shape[0]
+                and a_shape[1]
+                and b_shape[0]
+                and b_shape[2]
                 and offs is not None
                 and bias is None
                 and (out_dtype is None or out_dtype is A.dtype)
                 and A.is_cpu is B.is_cpu is offs.is_cpu
                 and A.is_meta is B.is_meta is offs.is_meta
                 and (A.dtype is bfloat16 or A.dtype is float32)
+                and offs.is_contiguous()
             ):
                 out = grouped_mm(A, B, offs=offs)
                 return with_contiguous_grad(out) if out.requires_grad else out
         except Exception as error:  # torch rejected the call: name the argument in our words
             return _retry_or_raise(error, A, B, offs, out_dtype, bias)
         check_metadata(A, B, offs, out_dtype, bias)
+        if is_empty_problem(A, B):
+            return empty_grouped_mm(A, B, out_dtype)
+        offs = offs.contiguous()
         try:
             return _bf16_call(A, B, offs, out_dtype)
         except Exception as error:
@@ -271,7 +325,10 @@ def make_mxfp8(
         groups_aligned: bool = False,
     ) -> torch.Tensor:
         check_metadata(A, B, offs, out_dtype, bias)
+        if is_empty_problem(A, B):
+            return empty_grouped_mm(A, B, out_dtype)
         out_dtype = out_dtype or A.dtype
+        offs = offs.contiguous()  # every kernel below reads offs as a flat array
         problem = mxfp8_shape_problem(A, B, shape_multiple)
         if problem is not None:
             return reject(problem, A, B, offs, out_dtype)

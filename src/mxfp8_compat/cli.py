@@ -73,6 +73,12 @@ def format_report(report: dict[str, Any], *, colour: bool = False) -> str:
         for reason in entry["reasons"]:
             lines.append(f"             - {reason}")
     lines.append("")
+    for name, entry in report.get("providers", {}).items():  # native MXFP8, one provider each
+        shown = _paint("ok" if entry["ok"] else "unavailable", "32" if entry["ok"] else "31", colour)
+        lines.append(f"provider {name:<8}: {shown}  smoke {_sqnr(entry['smoke_sqnr_db'])}")
+        for reason in entry["reasons"]:
+            lines.append(f"             - {reason}")
+    lines.append("")
     from .report import verdict
 
     lines.append(f"verdict: {verdict(report)}")

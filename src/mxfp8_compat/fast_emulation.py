@@ -32,14 +32,12 @@ float32 ulps above ``448 * 2**k`` (never for values representable in bfloat16).
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-import sys
 from types import ModuleType
 from typing import Optional
 
 import torch
 
+from ._kernel_launch import kernel_module, launch as launch_kernel
 from .generations import GroupedMMCall
 from .highprec import grouped_mm_highprec
 from .quantize import BLOCK_SIZE, DEFAULT_SCALE_MODE, ScaleMode
@@ -91,31 +89,9 @@ def fast_emulation_problem(device: torch.device | str) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool) -> ModuleType:
     """The kernels module: compiled, or a second copy built for triton's interpreter."""
-    if not interpret:
-        from . import _fast_kernels
-
-        return _fast_kernels
-    import triton  # noqa: F401 - fail here if absent
-
-    name = f"{__package__}._fast_kernels_interpreted"
-    path = os.path.join(os.path.dirname(__file__), "_fast_kernels.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit when the module is executed
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    sys.modules[name] = module
-    return module
+    return kernel_module("_fast_kernels", interpret)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,7 +175,9 @@ def _quantize(
     w_t = launch.src(w.transpose(-2, -1)) if w_programs else launch.src(x)  # type: ignore[union-attr]
     if w_programs:
         stride_e, stride_n, stride_k = w_t.stride()
-    launch.k.quantize_kernel[(x_programs + w_programs,)](
+    launch_kernel(
+        launch.k.quantize_kernel,
+        (x_programs + w_programs,),
         launch.src(x) if x_programs else w_t,  # type: ignore[arg-type]
         launch.dst(y if y is not None else some_out),
         x.numel() // BLOCK_SIZE if x_programs else 0,  # type: ignore[union-attr]
@@ -252,7 +230,9 @@ def _quantize_grouped_rows(x: torch.Tensor, offs: torch.Tensor, scale_mode: str)
         launch = _launch(x.device)
         row_blocks = triton_cdiv(M, BLOCK_SIZE)
         n_block_programs = row_blocks + E  # at most one short block per group beyond M / 32
-        launch.k.quantize_grouped_rows_kernel[(n_block_programs + row_blocks, triton_cdiv(C, ROWS_BC))](
+        launch_kernel(
+            launch.k.quantize_grouped_rows_kernel,
+            (n_block_programs + row_blocks, triton_cdiv(C, ROWS_BC)),
             launch.src(x),
             launch.dst(y),
             offs,
@@ -286,7 +266,9 @@ def _zero_unused(grad_A: torch.Tensor, grad_B: torch.Tensor, offs: torch.Tensor)
     chunk = ZERO_BLOCK * ZERO_ITERS
     a_programs = triton_cdiv(grad_A.numel(), chunk)
     b_programs = triton_cdiv(K * N, chunk)
-    launch.k.zero_unused_kernel[(a_programs + E * b_programs,)](
+    launch_kernel(
+        launch.k.zero_unused_kernel,
+        (a_programs + E * b_programs,),
         gA,
         gB,
         offs,

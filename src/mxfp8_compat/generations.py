@@ -15,6 +15,11 @@ between releases (the 4th parameter is ``block_size`` up to 0.17, ``bias`` from 
 row's entry is one torchao's own code calls; in each release's tox env,
 ``tests/test_wheel_conformance.py`` runs the row's native call (0.14+) through that wheel's
 autograd code, forward and backward, with only the sm_100 kernels replaced.
+
+:data:`TORCH_GENERATIONS` is the same discipline for the provider that is not torchao: torch's own
+MXFP8 grouped GEMM (rows per torch generation, newest first), fed by mxfp8_compat's quantisers
+(:mod:`mxfp8_compat.torch_native`); ``tests/test_torch_native_conformance.py`` runs its calls through
+torch's own code with only the sm_100 kernel stood in.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 import torch
@@ -30,7 +35,18 @@ from packaging.specifiers import SpecifierSet
 
 from .quantize import ScaleMode
 
-__all__ = ["Generation", "GENERATIONS", "Kernel", "GroupedMMCall", "Binder", "entry_signature_params"]
+__all__ = [
+    "Generation",
+    "GENERATIONS",
+    "Kernel",
+    "PerKernel",
+    "GroupedMMCall",
+    "Binder",
+    "entry_signature_params",
+    "TorchGeneration",
+    "TORCH_GENERATIONS",
+    "ScaledGroupedMM",
+]
 
 Kernel = Literal["native", "emulated"]
 GroupedMMCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
@@ -111,6 +127,23 @@ def entry_signature_params(entry: Callable[..., Any], through_autograd_function:
 
 
 @dataclass(frozen=True)
+class PerKernel:
+    """One number per kernel of a row (``native``, ``emulated``), read as ``row.group_multiple["native"]``.
+
+    A frozen dataclass rather than a dict, so that rows (and the Resolutions holding them) are
+    immutable and hashable.
+    """
+
+    native: int
+    emulated: int
+
+    def __getitem__(self, kernel: Kernel) -> int:
+        if kernel not in ("native", "emulated"):
+            raise KeyError(kernel)
+        return self.native if kernel == "native" else self.emulated
+
+
+@dataclass(frozen=True)
 class Generation:
     """One torchao MXFP8 grouped-GEMM API generation (one row of the adapter table).
 
@@ -152,8 +185,8 @@ class Generation:
     positional_only: bool = False
     via_autograd_function: bool = False
     native_flag: Optional[str] = None
-    group_multiple: dict[str, int] = field(default_factory=lambda: {"native": 32, "emulated": 32})
-    shape_multiple: dict[str, int] = field(default_factory=lambda: {"native": 32, "emulated": 32})
+    group_multiple: PerKernel = PerKernel(native=32, emulated=32)
+    shape_multiple: PerKernel = PerKernel(native=32, emulated=32)
     notes: str = ""
 
     def __repr__(self) -> str:
@@ -192,8 +225,8 @@ GENERATIONS: tuple[Generation, ...] = (
         scale_mode=ScaleMode.RCEIL,
         wgrad_with_hp=True,
         native_flag="_SM100_KERNELS_AVAILABLE",
-        group_multiple={"native": 128, "emulated": 32},
-        shape_multiple={"native": 128, "emulated": 32},
+        group_multiple=PerKernel(native=128, emulated=32),
+        shape_multiple=PerKernel(native=128, emulated=32),
         notes=(
             "4th parameter is now `bias`; `block_size` is gone. The native CuTeDSL quantiser asserts "
             "M, K (and N, for the gradient) multiples of 128 and every group a multiple of 128."
@@ -278,5 +311,108 @@ GENERATIONS: tuple[Generation, ...] = (
         scale_mode=ScaleMode.FLOOR,
         wgrad_with_hp=False,
         notes="MXFP8 is always emulated (forward asserts `emulated`): no native path on any GPU.",
+    ),
+)
+
+
+# --- torch's own MXFP8 grouped GEMM: the provider that is not torchao ---------------------------
+#
+# torch ships the sm_100 kernel itself (MSLK's CUTLASS `mx8mx8bf16_grouped`); mxfp8_compat supplies
+# the operands (mxfp8_compat.torch_native). A torch row's normalizer binds the entry to
+# ``gemm(mat_a, mat_b, scale_a, scale_b, offs) -> bf16`` for MXFP8 operands: e4m3 data, e8m0 scales in
+# the 128x4 blocked layout (``shared/torch-scaled-grouped-mm.md``). Facts read from the torch
+# 2.10.0, 2.11.0, 2.12.1, 2.13.0, 2.14.1 and 2.15.0 wheels: ``F.scaled_grouped_mm`` with the same
+# parameters in all of them; a Python meta kernel for ``_scaled_grouped_mm`` in all, for
+# ``_scaled_grouped_mm_v2`` only from 2.14.1; the MXFP8 build flag is ``USE_MSLK`` from 2.11
+# (``USE_FBGEMM_GENAI`` in 2.10).
+
+ScaledGroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def bind_scaled_grouped_mm(entry: Callable[..., Any]) -> ScaledGroupedMM:
+    """``F.scaled_grouped_mm``: ``BlockWise1x32`` (e8m0) scales swizzled ``SWIZZLE_32_4_4`` on both operands."""
+    functional = importlib.import_module("torch.nn.functional")
+    blockwise, swizzle = functional.ScalingType.BlockWise1x32, functional.SwizzleType.SWIZZLE_32_4_4
+
+    def scaled_grouped_mm_mxfp8(mat_a: torch.Tensor, mat_b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return entry(
+            mat_a, mat_b, scale_a, blockwise, scale_b, blockwise,
+            swizzle_a=swizzle, swizzle_b=swizzle, offs=offs, output_dtype=torch.bfloat16,
+        )
+
+    return scaled_grouped_mm_mxfp8
+
+
+def bind_scaled_grouped_mm_v1(entry: Callable[..., Any]) -> ScaledGroupedMM:
+    """``torch._scaled_grouped_mm``: MXFP8 because both operands are e4m3 and both scales e8m0 (swizzle implied)."""
+
+    def scaled_grouped_mm_v1_mxfp8(mat_a: torch.Tensor, mat_b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return entry(mat_a, mat_b, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16)
+
+    return scaled_grouped_mm_v1_mxfp8
+
+
+@dataclass(frozen=True)
+class TorchGeneration:
+    """One generation of torch's own MXFP8 grouped GEMM (a row of :data:`TORCH_GENERATIONS`).
+
+    Attributes:
+        key: short name ("torch-2.14").
+        versions: torch versions this row is written for.
+        entry_points: ``(module, attribute)`` candidates, tried in order.
+        fingerprint: parameter names the normalizer relies on; all must be present.
+        schema: the ``torch.ops.aten`` op whose schema names the parameters, for an entry that is a
+            builtin (no Python signature); None: the entry's own signature.
+        bind: the normalizer, ``bind(entry) -> gemm(mat_a, mat_b, scale_a, scale_b, offs)``.
+        build_flag: what ``torch.__config__.show()`` says when the MXFP8 kernel is built in.
+        notes: what a maintainer should know.
+    """
+
+    key: str
+    versions: SpecifierSet
+    entry_points: tuple[tuple[str, str], ...]
+    fingerprint: tuple[str, ...]
+    bind: Callable[[Callable[..., Any]], ScaledGroupedMM]
+    schema: Optional[str] = None
+    build_flag: str = "USE_MSLK"
+    notes: str = ""
+
+    def __repr__(self) -> str:
+        return f"TorchGeneration({self.key!r}, versions={str(self.versions)!r})"
+
+    def fingerprint_mismatch(self, params: tuple[str, ...]) -> Optional[str]:
+        """Why ``params`` (the entry's parameter names) do not fit this row, or None."""
+        missing = [name for name in self.fingerprint if name not in params]
+        return f"parameters {missing} are missing (has {params})" if missing else None
+
+
+#: torch's own MXFP8 grouped GEMM, newest generation first. Below 2.11 there is no row: torch 2.9.0
+#: fails MXFP8 with "expected scalar type Float but found Float8_e8m0fnu" (pytorch/ao#3287) and
+#: nothing here has verified 2.10 (whose build flag is USE_FBGEMM_GENAI).
+TORCH_GENERATIONS: tuple[TorchGeneration, ...] = (
+    TorchGeneration(
+        key="torch-2.14",
+        versions=SpecifierSet(">=2.14.0.dev0", prereleases=True),
+        entry_points=(("torch.nn.functional", "scaled_grouped_mm"),),
+        fingerprint=("mat_a", "mat_b", "scale_a", "scale_recipe_a", "scale_b", "scale_recipe_b", "swizzle_a", "swizzle_b", "offs", "output_dtype"),
+        bind=bind_scaled_grouped_mm,
+        notes=(
+            "Public F.scaled_grouped_mm -> torch._scaled_grouped_mm_v2, whose meta kernel exists from 2.14.1 "
+            "(2.15: shape inference in Python, validation in the C++ structured meta). 2.15 adds "
+            "SwizzleType.SWIZZLE_32_8 (AMD); MXFP8 on NVIDIA is BlockWise1x32 + SWIZZLE_32_4_4."
+        ),
+    ),
+    TorchGeneration(
+        key="torch-2.11",
+        versions=SpecifierSet(">=2.11.0.dev0,<2.14.0.dev0", prereleases=True),
+        entry_points=(("torch", "_scaled_grouped_mm"),),
+        fingerprint=("self", "mat2", "scale_a", "scale_b", "offs", "out_dtype"),
+        schema="_scaled_grouped_mm",
+        bind=bind_scaled_grouped_mm_v1,
+        notes=(
+            "v1 torch._scaled_grouped_mm, the call torchao 0.17/0.18's native path makes on torch >= 2.11. "
+            "F.scaled_grouped_mm exists here too, but its v2 op has no meta kernel before 2.14, so the "
+            "operands could not be checked without the GPU."
+        ),
     ),
 )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from packaging.version import InvalidVersion, Version
@@ -34,6 +36,7 @@ __all__ = [
     "installed_torchao_version",
     "import_problem",
     "match_generation",
+    "native_device_problem",
     "native_kernel_problem",
     "smoke_run",
     "clear_caches",
@@ -186,6 +189,24 @@ def _lowest(row: Generation) -> Version:
     return Version(min(bounds).base_version)
 
 
+def native_device_problem(device: torch.device) -> Optional[str]:
+    """Why no torchao release's native MXFP8 kernel can run on ``device``; None if one may.
+
+    Decided from the device alone (no torchao import): a CPU, or a CUDA device whose compute
+    capability is not 10.x, can never run one, so ``resolve("auto")`` needs no probe there.
+    """
+    if device.type != "cuda":
+        return f"the native MXFP8 kernel needs a CUDA device with compute capability 10.x; device is {device}"
+    capability = device_capability(device)
+    if capability is None or capability[0] != 10:
+        major, minor = capability or (0, 0)
+        return (
+            f"{device} has compute capability {major}.{minor} (sm_{major}{minor}); torchao's MXFP8 grouped GEMM "
+            "kernels exist only for 10.x (sm_100/sm_103)"
+        )
+    return None
+
+
 def native_kernel_problem(bound: BoundEntry, device: torch.device) -> Optional[str]:
     """Why the native MXFP8 kernel cannot run on ``device``, before trying it; None if it may.
 
@@ -197,15 +218,9 @@ def native_kernel_problem(bound: BoundEntry, device: torch.device) -> Optional[s
     generation = bound.generation
     if not generation.native:
         return f"torchao {generation.key} has no native MXFP8 grouped GEMM: its MXFP8 path is always emulated"
-    if device.type != "cuda":
-        return f"the native MXFP8 kernel needs a CUDA device with compute capability 10.x; device is {device}"
-    capability = device_capability(device)
-    if capability is None or capability[0] != 10:
-        major, minor = capability or (0, 0)
-        return (
-            f"{device} has compute capability {major}.{minor} (sm_{major}{minor}); torchao's MXFP8 grouped GEMM "
-            "kernels exist only for 10.x (sm_100/sm_103)"
-        )
+    problem = native_device_problem(device)
+    if problem is not None:
+        return problem
     if generation.native_flag is not None:
         flag = getattr(bound.module, generation.native_flag, None)
         if flag is False:
@@ -291,7 +306,8 @@ def _smoke_run(
     try:
         out = fn(A, B, offs)
         out.backward(grad_out)
-        out32 = fn(A0, B0, offs, out_dtype=torch.float32)
+        with _no_upcast_note():
+            out32 = fn(A0, B0, offs, out_dtype=torch.float32)
     except KeyboardInterrupt:
         raise
     except BaseException as error:  # noqa: BLE001 - every failure shape is a verdict
@@ -347,6 +363,32 @@ def _smoke_run(
             f"smoke run output is closer to unquantised bf16 ({to_bf16:.1f} dB) than to {rule} ({matches[0]:.1f} dB)"
         )
     return result(None)
+
+
+_UPCAST_NOTE = "cannot emit float32 on"
+
+
+class _DropUpcastNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _UPCAST_NOTE not in record.getMessage()
+
+
+@contextmanager
+def _no_upcast_note() -> Iterator[None]:
+    """The smoke run's own float32 call logs no "cannot emit float32" note: nobody asked for float32.
+
+    The note stays due: the first float32 call a user makes still logs it once.
+    """
+    from . import backends
+
+    before = set(backends._logged)
+    note_filter = _DropUpcastNote()
+    backends.logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        backends.logger.removeFilter(note_filter)
+        backends._logged.difference_update({m for m in backends._logged - before if _UPCAST_NOTE in m})
 
 
 def _describe(value: object) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from . import probes
 from .errors import MXFP8Unavailable
-from .resolution import MODES, Resolution, normalise_device, resolve
+from .resolution import MODES, PROVIDERS, Resolution, normalise_device, resolve
 
 __all__ = ["environment_report", "verdict"]
 
@@ -23,12 +23,12 @@ def _torchao_location() -> Optional[str]:
     return getattr(module, "__file__", None) if module is not None else None
 
 
-def _mode_entry(mode: str, device: torch.device, validate: bool) -> dict[str, Any]:
+def _mode_entry(mode: str, device: torch.device, validate: bool, provider: Optional[str] = None) -> dict[str, Any]:
     try:
-        resolution: Resolution = resolve(mode, device=device, validate=validate)
+        resolution: Resolution = resolve(mode, device=device, validate=validate, provider=provider)
     except MXFP8Unavailable as error:
         return {"ok": False, "backend": None, "generation": None, "emulation": None,
-                "reasons": list(error.reasons), "smoke_sqnr_db": None}
+                "reasons": list(error.reasons), "smoke_sqnr_db": None, "provider": None}
     return {
         "ok": True,
         "backend": resolution.backend,
@@ -36,6 +36,7 @@ def _mode_entry(mode: str, device: torch.device, validate: bool) -> dict[str, An
         "emulation": resolution.emulation,
         "reasons": list(resolution.reasons),
         "smoke_sqnr_db": resolution.smoke_sqnr_db,
+        "provider": resolution.provider,
     }
 
 
@@ -45,10 +46,12 @@ def environment_report(device: Union[str, torch.device, None] = None, validate: 
     Keys: ``python``, ``platform``, ``torch_version``, ``torchao_version``,
     ``torchao_location``, ``device``, ``device_name``, ``capability``, ``generation``
     (row matched, or None), ``generation_reasons``, and ``modes`` mapping each mode to
-    ``{ok, backend, generation, emulation, reasons, smoke_sqnr_db}``.
+    ``{ok, backend, generation, emulation, reasons, smoke_sqnr_db, provider}``, and ``providers``
+    mapping each native MXFP8 provider ("torchao", "torch") to its ``native`` verdict, same keys.
     """
     resolved_device = normalise_device(device)
     modes = {mode: _mode_entry(mode, resolved_device, validate) for mode in MODES}
+    providers = {name: _mode_entry("native", resolved_device, validate, provider=name) for name in PROVIDERS}
     torchao_version = probes.installed_torchao_version()
     match = probes.match_generation(torchao_version) if torchao_version and "torchao.prototype.moe_training" in sys.modules else None
     capability = probes.device_capability(resolved_device)
@@ -68,12 +71,15 @@ def environment_report(device: Union[str, torch.device, None] = None, validate: 
         "generation": match.bound.generation.key if match and match.bound else None,
         "generation_reasons": list(match.reasons) if match else [],
         "modes": modes,
+        "providers": providers,
     }
 
 
 def verdict(report: dict[str, Any]) -> str:
     """One line: the fastest path that resolves here."""
     auto = report["modes"]["auto"]
+    if auto["backend"] == "mxfp8" and auto.get("provider") == "torch":
+        return f"native MXFP8 (torch {report['torch_version']}'s own grouped GEMM, mxfp8_compat's quantisers) is active"
     if auto["backend"] == "mxfp8":
         return f"native MXFP8 (torchao {report['torchao_version']}, generation {auto['generation']}) is active"
     emulated = report["modes"]["emulated"]

@@ -6,20 +6,26 @@ Modes:
   ``emulated``  MXFP8 numerics without the sm_100 kernel: torchao's own emulation where the
                 installed generation has one (0.13, 0.16+), else mxfp8_compat's reference.
   ``off``       bf16: ``torch._grouped_mm`` itself.
+
+Native MXFP8 has two providers: torchao's native path, and torch's own MXFP8 grouped GEMM fed by
+mxfp8_compat's quantisers (:mod:`mxfp8_compat.torch_native`). ``provider`` picks one; by default
+``auto`` and ``native`` take torchao's when it passes its probes, else torch's.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union, get_args
+from typing import Callable, Literal, Optional, Union, get_args
 
 import torch
 
-from . import probes
+from . import probes, torch_native
 from .backends import GroupedMM, log_once, make_bf16, make_mxfp8, reference_call
 from .errors import MXFP8Unavailable
 from .fast_emulation import fast_call, fast_emulation_problem
@@ -28,12 +34,27 @@ from .isolation import ISOLATE_ENV_VAR, isolated_problem
 from .highprec import grouped_mm_support
 from .quantize import DEFAULT_SCALE_MODE, ScaleMode
 
-__all__ = ["Mode", "Backend", "Resolution", "resolve", "reset", "normalise_mode", "normalise_device", "MODE_ENV_VAR"]
+__all__ = [
+    "Mode",
+    "Backend",
+    "Resolution",
+    "resolve",
+    "reset",
+    "normalise_mode",
+    "normalise_device",
+    "normalise_provider",
+    "MODE_ENV_VAR",
+    "PROVIDER_ENV_VAR",
+    "PROVIDERS",
+]
 
 Mode = Literal["auto", "native", "emulated", "off"]
 Backend = Literal["mxfp8", "mxfp8-emulated", "bf16"]
 MODES: tuple[str, ...] = get_args(Mode)
 MODE_ENV_VAR = "MXFP8_COMPAT_MODE"
+PROVIDER_ENV_VAR = "MXFP8_COMPAT_PROVIDER"
+#: Who supplies the native MXFP8 kernel: torchao's native path, or torch's own grouped GEMM.
+PROVIDERS: tuple[str, ...] = ("torchao", "torch")
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,8 @@ class Resolution:
             pad nothing: 1 for bf16 and the reference, 32 for torchao's MXFP8 paths, 128
             for 0.18+'s native kernel. Any group sizes work; a dispatcher that pads to this
             while it permutes tokens anyway passes ``groups_aligned=True`` and saves a pass.
+        provider: whose native MXFP8 kernel runs, ``"torchao"`` or ``"torch"``; None when none
+            does (bf16, emulation).
         request: the normalised ``resolve()`` arguments that produced it. A Resolution
             pickles as this request (functions and kernels do not pickle): unpickling, in a
             spawned worker or by ``torch.load``, resolves again in the receiving process.
@@ -73,13 +96,14 @@ class Resolution:
     smoke_sqnr_db: Optional[float] = None
     emulation: Optional[str] = None
     group_alignment: int = 1
+    provider: Optional[str] = None
     request: tuple[object, ...] = field(default=(), repr=False, compare=False)
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
         if not self.request:
             raise TypeError("this Resolution was not made by resolve(): nothing to re-resolve when unpickled")
-        mode, device, validate, wgrad_with_hp, isolate = self.request
-        return (_resolve_unpickled, (mode, str(device), validate, wgrad_with_hp, isolate))
+        mode, device, validate, wgrad_with_hp, isolate, provider = self.request
+        return (_resolve_unpickled, (mode, str(device), validate, wgrad_with_hp, isolate, provider))
 
     def __call__(
         self,
@@ -131,6 +155,7 @@ def resolve(
     validate: bool = False,
     wgrad_with_hp: bool = True,
     isolate: Optional[bool] = None,
+    provider: Optional[str] = None,
 ) -> Resolution:
     """Resolve the grouped GEMM for ``mode`` on ``device``; cached per argument set, thread-safe.
 
@@ -150,30 +175,56 @@ def resolve(
         isolate: import torchao and run the smoke runs in a subprocess first (a torch/torchao
             build mismatch can abort the interpreter); the verdict is cached on disk. None
             reads ``MXFP8_COMPAT_ISOLATE`` ("1" enables), likewise.
+        provider: the native MXFP8 kernel's provider in modes "auto" and "native": "torchao"
+            (its native path) or "torch" (torch's own grouped GEMM, mxfp8_compat's quantisers).
+            None reads ``MXFP8_COMPAT_PROVIDER``, else takes torchao's when it passes its probes,
+            else torch's. "emulated" and "off" do not depend on it.
 
     Arguments that mean the same (``"cpu"`` and ``torch.device("cpu")``, ``"EMULATED"`` and
     ``"emulated"``) share one cached Resolution.
 
     Raises:
-        ValueError: unknown ``mode`` or ``device``.
+        ValueError: unknown ``mode``, ``device`` or ``provider``.
         MXFP8Unavailable: ``mode="native"`` (or ``"emulated"``) cannot run here.
     """
-    key = (mode, device, validate, wgrad_with_hp, isolate)
+    key = (mode, device, validate, wgrad_with_hp, isolate, provider)
     try:
         return _cache[key]
     except (KeyError, TypeError):  # TypeError: an unhashable argument, rejected below
         pass
-    return _resolve_slow(key, mode, device, validate, wgrad_with_hp, isolate)
+    return _resolve_slow(key, mode, device, validate, wgrad_with_hp, isolate, provider)
 
 
-def _resolve_unpickled(mode: str, device: str, validate: bool, wgrad_with_hp: bool, isolate: bool) -> Resolution:
+def _resolve_unpickled(
+    mode: str, device: str, validate: bool, wgrad_with_hp: bool, isolate: bool, provider: Optional[str] = None
+) -> Resolution:
     """Unpickling a Resolution: resolve the same request in this process."""
-    return resolve(mode, device=device, validate=validate, wgrad_with_hp=wgrad_with_hp, isolate=isolate)
+    return resolve(mode, device=device, validate=validate, wgrad_with_hp=wgrad_with_hp, isolate=isolate, provider=provider)
+
+
+def _compiler_disabled(fn: Callable[..., Resolution]) -> Callable[..., Resolution]:
+    """``torch.compiler.disable(fn)``, made at the first call after torch._dynamo is imported.
+
+    Decorating at import would import torch._dynamo, seconds of a cold start that no resolve()
+    outside torch.compile needs; and nothing can trace a call before torch._dynamo is imported.
+    """
+    disabled: Optional[Callable[..., Resolution]] = None
+
+    @functools.wraps(fn)
+    def call(*args: object) -> Resolution:
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args)
+
+    return call
 
 
 # torch.compile cannot trace the probes (locks, subprocesses, real kernel runs): a first
 # resolve() inside a compiled function runs eagerly, as a graph break; cached ones are a lookup.
-@torch.compiler.disable
+@_compiler_disabled
 def _resolve_slow(
     key: tuple[object, ...],
     mode: Optional[str],
@@ -181,6 +232,7 @@ def _resolve_slow(
     validate: bool,
     wgrad_with_hp: bool,
     isolate: Optional[bool],
+    provider: Optional[str] = None,
 ) -> Resolution:
     """Normalise the arguments, then resolve once per normalised key (one lock per key)."""
     environment = _environment()
@@ -191,7 +243,11 @@ def _resolve_slow(
     normal_mode = normalise_mode(mode, source)
     normal_device = normalise_device(device)
     normal_isolate = environment[ISOLATE_ENV_VAR] == "1" if isolate is None else bool(isolate)
-    normal_key = (normal_mode, normal_device, bool(validate), bool(wgrad_with_hp), normal_isolate)
+    if provider is None:
+        normal_provider = normalise_provider(environment[PROVIDER_ENV_VAR] or None, PROVIDER_ENV_VAR)
+    else:
+        normal_provider = normalise_provider(provider)
+    normal_key = (normal_mode, normal_device, bool(validate), bool(wgrad_with_hp), normal_isolate, normal_provider)
     with _key_locks_guard:
         epoch = _epoch
         lock = _key_locks.setdefault(normal_key, threading.Lock())
@@ -220,7 +276,7 @@ def _environment() -> dict[str, str]:
     """
     global _environment_snapshot
     if _environment_snapshot is None:
-        _environment_snapshot = {name: os.environ.get(name, "") for name in (MODE_ENV_VAR, ISOLATE_ENV_VAR)}
+        _environment_snapshot = {name: os.environ.get(name, "") for name in (MODE_ENV_VAR, ISOLATE_ENV_VAR, PROVIDER_ENV_VAR)}
     return _environment_snapshot
 
 
@@ -229,6 +285,15 @@ def normalise_mode(mode: object, source: str = "mode") -> Mode:
     if not isinstance(mode, str) or mode.strip().lower() not in MODES:
         raise ValueError(f"{source}: expected one of {', '.join(MODES)}, got {mode!r}")
     return mode.strip().lower()  # type: ignore[return-value]
+
+
+def normalise_provider(provider: object, source: str = "provider") -> Optional[str]:
+    """``provider`` lower-cased and stripped (None: choose), or ValueError naming ``source``."""
+    if provider is None:
+        return None
+    if not isinstance(provider, str) or provider.strip().lower() not in PROVIDERS:
+        raise ValueError(f"{source}: expected one of {', '.join(PROVIDERS)} or None, got {provider!r}")
+    return provider.strip().lower()
 
 
 def normalise_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -291,7 +356,9 @@ _META_REASON = (
 )
 
 
-def _resolve_uncached(mode: Mode, device: torch.device, validate: bool, wgrad_with_hp: bool, isolate: bool) -> Resolution:
+def _resolve_uncached(
+    mode: Mode, device: torch.device, validate: bool, wgrad_with_hp: bool, isolate: bool, provider: Optional[str] = None
+) -> Resolution:
     ctx = _Context(device=device, validate=validate, wgrad_with_hp=wgrad_with_hp, isolate=isolate)
     _probe_bf16(ctx)
     if mode == "off":
@@ -300,17 +367,53 @@ def _resolve_uncached(mode: Mode, device: torch.device, validate: bool, wgrad_wi
         if mode != "auto":
             raise MXFP8Unavailable(mode, (_META_REASON,))
         return _bf16_resolution(ctx, mode, (_META_REASON,))
-    _probe_torchao(ctx)
+    # auto on a device no native kernel runs on (CPU; CUDA not 10.x) decides without importing torchao
+    ruled_out = _native_ruled_out(ctx) if mode == "auto" else None
+    if ruled_out is not None:
+        pass
+    elif provider == "torch" and mode != "emulated":
+        ctx.torchao_version = probes.installed_torchao_version()  # reported, never imported
+    else:
+        _probe_torchao(ctx)
     if mode == "emulated":
         return _resolve_emulated(ctx)
-    native = _try_native(ctx, shape_fallback=ctx.bf16 if mode == "auto" else None)
-    if isinstance(native, Resolution):
-        return native
+    native: Union[Resolution, tuple[str, ...]] = ruled_out or ()
+    if ruled_out is None:
+        shape_fallback = ctx.bf16 if mode == "auto" else None
+        if provider in (None, "torchao"):
+            native = _try_native(ctx, shape_fallback=shape_fallback)
+            if isinstance(native, Resolution):
+                return dataclasses.replace(native, provider="torchao")
+        if provider in (None, "torch"):
+            found = _try_torch_native(ctx, mode, shape_fallback)
+            if isinstance(found, Resolution):  # with the reasons torchao's was not taken
+                return dataclasses.replace(found, reasons=native + found.reasons)  # type: ignore[operator]
+            native = native + found  # type: ignore[operator]
     if mode == "native":
         raise MXFP8Unavailable(mode, native)
     resolution = _bf16_resolution(ctx, mode, native)
-    log_once(f"mxfp8_compat: MXFP8 unavailable, using bf16 grouped GEMM ({'; '.join(resolution.reasons)})")
+    if _fallback_log.get():
+        log_once(f"mxfp8_compat: MXFP8 unavailable, using bf16 grouped GEMM ({'; '.join(resolution.reasons)})")
     return resolution
+
+
+#: False while select_grouped_mm() resolves: its UserWarning is then the one message of a fallback.
+_fallback_log: contextvars.ContextVar[bool] = contextvars.ContextVar("mxfp8_compat_fallback_log", default=True)
+
+
+def _native_ruled_out(ctx: _Context) -> Optional[tuple[str, ...]]:
+    """Why ``auto`` cannot go native on this device, decided without importing torchao; None to probe.
+
+    A CPU, or a CUDA device whose capability is not 10.x, runs no torchao release's native
+    kernel: importing torchao there would cost seconds (and its import noise) to learn nothing.
+    """
+    problem = probes.native_device_problem(ctx.device)
+    if problem is None:
+        return None
+    ctx.torchao_version = probes.installed_torchao_version()
+    if ctx.torchao_version is None:
+        return ("torchao is not installed", problem)
+    return (f"{problem}; torchao {ctx.torchao_version} is installed but was not imported (no release has a native kernel for this device)",)
 
 
 def _resolution(ctx: _Context, **fields: object) -> Resolution:
@@ -359,6 +462,25 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
         mode="native" if shape_fallback is None else "auto",
         smoke_sqnr_db=smoke.sqnr_out_db,
         group_alignment=generation.group_multiple["native"],
+    )
+
+
+def _try_torch_native(ctx: _Context, mode: Mode, shape_fallback: Optional[GroupedMM]) -> Union[Resolution, tuple[str, ...]]:
+    """torch's own MXFP8 grouped GEMM (:mod:`mxfp8_compat.torch_native`), or every reason it is unavailable."""
+    found = torch_native.resolve_torch_native(
+        ctx.device, validate=ctx.validate, wgrad_with_hp=ctx.wgrad_with_hp, shape_fallback=shape_fallback
+    )
+    if found.fn is None:
+        return tuple(f"torch provider: {reason}" for reason in found.reasons)
+    return _resolution(
+        ctx,
+        fn=found.fn,
+        backend="mxfp8",
+        generation=None,
+        reasons=found.reasons,
+        mode=mode,
+        smoke_sqnr_db=found.smoke.sqnr_out_db,
+        provider="torch",
     )
 
 

@@ -23,6 +23,8 @@ __all__ = [
     "mxfp8_shape_problem",
     "group_alignment_problem",
     "aligned_rows_problem",
+    "is_empty_problem",
+    "grouped_mm_stride_problem",
 ]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
@@ -145,4 +147,38 @@ def aligned_rows_problem(A: torch.Tensor, multiple: int) -> Optional[str]:
     """Why A's row count breaks a promised alignment (metadata only); None when it doesn't."""
     if A.shape[0] % multiple:
         return f"M={A.shape[0]} (A.shape[0]) is not a multiple of {multiple}"
+    return None
+
+
+def is_empty_problem(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether the (valid) call has nothing to multiply: M, K, N or E is zero (metadata only).
+
+    Every mode answers such a call without launching a GEMM (torch's CUDA kernel divides by
+    zero at E == 0 and kills the process; its stride check rejects K == 0): the result is
+    (M, N) zeros, as the sum over no terms, and every gradient is zero.
+    """
+    a_shape, b_shape = A.shape, B.shape
+    return not (a_shape[0] and a_shape[1] and b_shape[0] and b_shape[2])
+
+
+def grouped_mm_stride_problem(name: str, t: torch.Tensor) -> Optional[str]:
+    """Why ``torch._grouped_mm`` refuses the layout of operand ``name``, or None (metadata only).
+
+    Mirrors torch's own check (``check_valid_strides_and_return_transposed``): one of the last
+    two dimensions has unit stride, the other a stride of at least that dimension's size and a
+    multiple of 16 bytes, and (off the CPU) the data starts on a 16-byte boundary.
+    """
+    rows, cols = t.shape[-2], t.shape[-1]
+    row_stride, col_stride = t.stride()[-2], t.stride()[-1]
+    alignment = 16 // t.element_size()
+    if not t.is_cpu and t.data_ptr() % 16:
+        return f"{name}'s data does not start on a 16-byte boundary"
+    if row_stride == 1 and col_stride >= max(1, rows):
+        outer = col_stride
+    elif col_stride == 1 and row_stride >= max(1, cols):
+        outer = row_stride
+    else:
+        return f"{name} of shape {tuple(t.shape)} has strides {t.stride()}: neither of its last two dimensions is dense"
+    if outer % alignment:
+        return f"{name} of shape {tuple(t.shape)} has strides {t.stride()}: the outer stride is not a multiple of 16 bytes"
     return None

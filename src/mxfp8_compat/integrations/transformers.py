@@ -32,7 +32,8 @@ from typing import Any, Callable, Optional
 import torch
 from packaging.version import Version
 
-from ..resolution import MODES, Resolution, resolve
+from ..resolution import MODES, Resolution
+from ._resolving import resolution_for as _resolution
 from ..token_groups import gather_rows, gather_rows_with_inverse, token_group_padding
 
 __all__ = ["MIN_TRANSFORMERS_VERSION", "register", "experts_forward", "require_transformers"]
@@ -120,27 +121,6 @@ def register(name: str = "mxfp8", mode: Optional[str] = None) -> Callable[..., t
     interface.register(name, mxfp8_experts_forward)
     _REGISTERED[name] = mxfp8_experts_forward
     return mxfp8_experts_forward
-
-
-# --- the resolution, per device, also under torch.compile ------------------------------------
-
-_TRACED: dict[str, Resolution] = {}
-
-
-@torch._dynamo.assume_constant_result
-def _traced_resolution_key(mode: Optional[str], device: str) -> str:
-    """Resolve while torch.compile traces (dynamo runs this eagerly and keeps the returned key)."""
-    key = f"{mode}@{device}"
-    _TRACED[key] = resolve(mode, device=device)
-    return key
-
-
-def _resolution(mode: Optional[str], device: torch.device) -> Resolution:
-    if torch.compiler.is_compiling():
-        # resolve() takes a lock and may run probes: not traceable. Dynamo calls the key
-        # function for real, once per compiled graph, and reads the Resolution as a constant.
-        return _TRACED[_traced_resolution_key(mode, str(device))]
-    return resolve(mode, device=device)
 
 
 # --- the experts forward -----------------------------------------------------------------------
