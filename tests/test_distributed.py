@@ -18,7 +18,7 @@ applies where. Here each comparison becomes an assertion.
   global batch; the all-reduced router gradient within the float32 reordering bound.
 * ``dtensor``: the placement rules of ``mxfp8_compat.distributed`` against unsharded calls,
   no communication inside the GEMM, and the ValueErrors.
-* ``readme``: the README's "Distributed training" examples, on every rank.
+* the README's FSDP2 + expert-parallel script, under the ``torchrun`` command the README prints.
 * ``isolation``: ``resolve(isolate=True)`` from three threads on each rank, one cache
   directory: one smoke run per process, one intact verdict file.
 """
@@ -84,8 +84,33 @@ def test_dtensor_arguments_compute_on_local_shards_or_raise(main_run, mode):
     assert sum(1 for c in checks if c["name"].endswith("no communication")) == 3
 
 
-def test_readme_distributed_examples_run(main_run):
-    passed(main_run, "readme")
+def test_readme_torchrun_script_runs_as_pasted(tmp_path):
+    """The README's FSDP2 + expert-parallel script, saved under its name and run by the torchrun command it prints."""
+    import signal
+    import subprocess
+
+    from distributed_launch import TIMEOUT_S
+    from readme_blocks import python_blocks
+
+    (script,) = [b for b in python_blocks() if b.torchrun]
+    command = script.torchrun
+    assert command[0] == "torchrun" and command[-1].endswith(".py"), command
+    (tmp_path / command[-1]).write_text(script.code)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MXFP8_COMPAT_")}
+    if BACKEND == "gloo":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the script then takes the CPU and gloo, as on a machine without GPUs
+    # `torchrun` is torch.distributed.run's console script: the same entry point, of this interpreter
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *command[1:]], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = proc.communicate(timeout=TIMEOUT_S)[0]
+    finally:  # torchrun's workers go with it, also when this test is interrupted or times out
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-6000:]
+    for rank in range(WORLD):
+        assert f"rank {rank}: " in output and "FSDP2 loss" in output, output[-3000:]
 
 
 def test_isolated_probe_and_cache_from_several_ranks(tmp_path):
@@ -93,3 +118,52 @@ def test_isolated_probe_and_cache_from_several_ranks(tmp_path):
     checks = passed(report, "isolation")
     assert {"one smoke run in this process", "one verdict file, nothing else"} <= names(checks)
     assert len(list((tmp_path / "verdicts").iterdir())) == 1
+
+
+_LAUNCH_AND_HANG = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from distributed_launch import launch
+launch(Path(sys.argv[1]), ["hang"])
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_no_rank_outlives_an_interrupted_launch(tmp_path, how):
+    """Killing the launcher (tox's interrupt ends in SIGKILL) takes its ranks with it, even ones blocked in a collective."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, MXFP8_COMPAT_HANG_DIR=str(tmp_path))
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCH_AND_HANG, str(tmp_path / "run"), str(here)], env=env)
+    pid_files = [tmp_path / f"pid{rank}" for rank in range(WORLD)]
+    deadline = time.monotonic() + 240
+    while not all(p.exists() and p.read_text() for p in pid_files):
+        assert launcher.poll() is None, f"the launcher exited early ({launcher.returncode})"
+        assert time.monotonic() < deadline, "the ranks never reached the hang scenario"
+        time.sleep(0.5)
+    ranks = [int(p.read_text()) for p in pid_files]
+    time.sleep(1.0)  # rank 1 is in the barrier now
+    launcher.send_signal(getattr(signal, how))
+    launcher.wait(timeout=60)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie of the dead launcher's is gone for our purpose
+        stat = Path(f"/proc/{pid}/stat")
+        return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [pid for pid in ranks if alive(pid)]
+    for pid in left:  # never leave them running, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks {left} outlived the launcher ({how})"

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,65 @@ def test_tox_records_outside_the_checkout_and_refreshes_only_on_request():
     assert matrix_env.get("parallel_show_output", "").strip() == "true"
     assert matrix.REFRESH_ENV_VAR in matrix_env.get("pass_env", "")
     assert ".tox/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_an_env_without_test_results_counts_as_failed_and_missing_envs_are_named(base_record, tmp_path, monkeypatch):
+    """The record of an env whose pytest never ran (commands_pre failed) must not read as '0 failed'."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(matrix.REFRESH_ENV_VAR, raising=False)
+    monkeypatch.delenv(matrix.matrix_totals.SOURCE_ENV_VAR, raising=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ran = dict(copy.deepcopy(base_record), env="notorchao", tests={"passed": 5, "failed": 0, "skipped": 1})
+    broken = dict(copy.deepcopy(base_record), env="torchao016", tests=None)
+    for record in (ran, broken):
+        (run_dir / f"{record['env']}-cpu.json").write_text(json.dumps(record))
+    out = io.StringIO()
+    status = matrix.finish(run_dir, tmp_path / "cm", False, out, expected=["notorchao", "torchao016", "main", "latest"])
+    text = out.getvalue()
+    assert status == 1
+    assert "| torchao016 |" in text and "no test results (counted as 1 failed)" in text
+    assert text.rstrip().splitlines()[-1] == (
+        "matrix: 5 passed, 1 failed, 1 skipped; no test results, each counted as 1 failed: torchao016; not run: "
+        "main (left out: MXFP8_COMPAT_TORCHAO_SRC is not set (a pytorch/ao checkout or .tar.gz; see docs/testing.md)), "
+        "latest (no record in this run)"
+    )
+    monkeypatch.setenv(matrix.matrix_totals.SOURCE_ENV_VAR, "/somewhere/ao")
+    summary = matrix.matrix_totals.summarize([ran], ["notorchao", "main"])
+    assert summary["not_run"] == {"main": "no record in this run"}, "given a source, a missing main is not 'left out'"
+
+
+def test_the_matrix_env_names_what_it_waited_for_and_tox_leaves_main_out_with_the_same_variable():
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(ROOT / "tox.ini")
+    assert "--tox-ini {tox_root}/tox.ini" in ini["testenv:matrix"]["commands"]
+    expected = matrix.matrix_totals.expected_envs(ROOT / "tox.ini")
+    assert "main" in expected and "notorchao" in expected and "matrix" not in expected
+    variable = matrix.matrix_totals.SOURCE_ENV_VAR
+    assert matrix.matrix_totals.GATED_ENVS == {"main": variable}
+    assert variable in ini["testenv:main"]["pass_env"] and variable in ini["testenv:matrix"]["pass_env"]
+    for section in ini.sections():  # the source is an input: no setting reaches outside the repository for it
+        assert not any("../shared" in value for value in ini[section].values()), section
+    toxfile = (ROOT / "toxfile.py").read_text()
+    assert f'SOURCE_ENV_VAR = "{variable}"' in toxfile and 'GATED_ENV = "main"' in toxfile
+
+
+def test_tox_leaves_main_out_of_the_default_run_visibly_without_a_source():
+    import shutil
+
+    tox = shutil.which("tox") or (str(Path(sys.executable).with_name("tox")) if Path(sys.executable).with_name("tox").exists() else None)
+    if tox is None:
+        pytest.skip("tox is not installed in this environment (it runs the matrix; inside a tox env it is not)")
+    env = {k: v for k, v in os.environ.items() if k != matrix.matrix_totals.SOURCE_ENV_VAR}
+    def default_envs(done: subprocess.CompletedProcess) -> list[str]:
+        assert done.returncode == 0, done.stderr
+        section = done.stdout.split("additional environments:")[0]
+        return [line.split()[0] for line in section.splitlines()[1:] if line.strip()]
+
+    done = subprocess.run([tox, "list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    default = default_envs(done)
+    assert "notorchao" in default and "main" not in default
+    assert "'main' left out of the default run: MXFP8_COMPAT_TORCHAO_SRC is not set" in done.stderr
+    env[matrix.matrix_totals.SOURCE_ENV_VAR] = "/somewhere/ao"
+    done = subprocess.run([tox, "list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "main" in default_envs(done) and "left out" not in done.stderr

@@ -5,36 +5,79 @@
     out = grouped_mm(A, B, offs)    # same contract as torch._grouped_mm
     print(grouped_mm.backend, grouped_mm.reasons)
 
-See README.md for modes, the adapter table and the compatibility matrix.
+See README.md for the contract and docs/reference.md for the modes, the adapter table and the numerics.
 """
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
-
-from .dropin import select_grouped_mm
-from .errors import MXFP8Unavailable
-from .generations import GENERATIONS, Generation
-from .layout import (
-    as_grouped_mm_weight,
-    expert_weight,
-    expert_weight_from_kn,
-    expert_weight_to_kn,
-    prepare_weight,
-    state_dict_from_expert_layout,
-    state_dict_to_expert_layout,
-    weight_relayout,
-)
-from .metrics import sqnr_db
-from .quantize import ScaleMode
-from .reference import mxfp8_grouped_mm_reference
-from .resolution import Resolution, resolve, reset
-from .token_groups import TokenGroupPadding, pad_token_groups, unpad_token_groups
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("mxfp8_compat")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
+
+# Names are imported on first use (PEP 562), so `import mxfp8_compat` and `mxfp8-compat --help`
+# do not import torch; `from mxfp8_compat import resolve` imports what it needs then.
+_EXPORTS = {
+    "select_grouped_mm": "dropin",
+    "MXFP8Unavailable": "errors",
+    "GENERATIONS": "generations",
+    "Generation": "generations",
+    "as_grouped_mm_weight": "layout",
+    "expert_weight": "layout",
+    "expert_weight_from_kn": "layout",
+    "expert_weight_to_kn": "layout",
+    "prepare_weight": "layout",
+    "state_dict_from_expert_layout": "layout",
+    "state_dict_to_expert_layout": "layout",
+    "weight_relayout": "layout",
+    "sqnr_db": "metrics",
+    "ScaleMode": "quantize",
+    "mxfp8_grouped_mm_reference": "reference",
+    "Resolution": "resolution",
+    "resolve": "resolution",
+    "reset": "resolution",
+    "TokenGroupPadding": "token_groups",
+    "pad_token_groups": "token_groups",
+    "unpad_token_groups": "token_groups",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .dropin import select_grouped_mm
+    from .errors import MXFP8Unavailable
+    from .generations import GENERATIONS, Generation
+    from .layout import (
+        as_grouped_mm_weight,
+        expert_weight,
+        expert_weight_from_kn,
+        expert_weight_to_kn,
+        prepare_weight,
+        state_dict_from_expert_layout,
+        state_dict_to_expert_layout,
+        weight_relayout,
+    )
+    from .metrics import sqnr_db
+    from .quantize import ScaleMode
+    from .reference import mxfp8_grouped_mm_reference
+    from .resolution import Resolution, reset, resolve
+    from .token_groups import TokenGroupPadding, pad_token_groups, unpad_token_groups
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "GENERATIONS",

@@ -1,7 +1,8 @@
-"""``python -m mxfp8_compat``: report what resolves here, as text or JSON.
+"""``python -m mxfp8_compat`` (or the console script ``mxfp8-compat``): report what resolves here, as text or JSON.
 
 Exit status 0 when the requested mode (default auto) resolves, 1 when it does not, so a
-downstream CI can run ``python -m mxfp8_compat --mode native || ...``.
+downstream CI can run ``python -m mxfp8_compat --mode native || ...``; 2 for a usage error.
+Arguments are parsed before torch is imported: ``--help`` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -10,13 +11,27 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
 
-from .report import environment_report, verdict
-from .resolution import MODES
+__all__ = ["main", "format_report", "build_parser"]
 
-__all__ = ["main", "format_report"]
+# resolution.MODES, spelled out so that parsing imports no torch (tests/test_cli.py keeps them equal)
+MODES = ("auto", "native", "emulated", "off")
+
+_EPILOG = """\
+The report lists python, torch and torchao (version and location), the device and its compute
+capability, the adapter-table row torchao matched, and for every mode the backend it resolves
+to, the smoke run's SQNR in dB and every reason a faster path was not taken.
+
+exit status: 0 when --mode resolves here, 1 when it does not, 2 for a usage error. A CI can
+gate on it: %(prog)s --mode native || echo "no native MXFP8 here"
+
+environment: MXFP8_COMPAT_ISOLATE=1 probes torchao in a subprocess first (a torchao that
+crashes at import cannot take this process down); MXFP8_COMPAT_CACHE_DIR is where those
+verdicts are cached. Same report: python -m mxfp8_compat, or the console script mxfp8-compat.
+"""
 
 
 def _paint(text: str, code: str, colour: bool) -> str:
@@ -64,20 +79,43 @@ def format_report(report: dict[str, Any], *, colour: bool = False) -> str:
         for reason in entry["reasons"]:
             lines.append(f"             - {reason}")
     lines.append("")
+    from .report import verdict
+
     lines.append(f"verdict: {verdict(report)}")
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None, stdout: TextIO = sys.stdout) -> int:
+def _prog(argv0: str) -> str:
+    """The command this was run as: ``python -m mxfp8_compat`` or the console script's name."""
+    name = os.path.basename(argv0 or "")
+    if not name or name in ("__main__.py", "-c") or name.endswith(".py"):
+        return "python -m mxfp8_compat"
+    return name
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mxfp8_compat",
-        description="Report which MXFP8 grouped-GEMM path resolves on this machine, and why.",
+        prog=prog or _prog(sys.argv[0]),
+        description="Report which MXFP8 grouped-GEMM path resolves on this machine for every mode, and why.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--mode", choices=MODES, default="auto", help="mode whose resolution sets the exit status (default: auto)")
-    parser.add_argument("--device", default=None, help="device to probe, e.g. cpu or cuda:0 (default: current CUDA device, else cpu)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--validate", action="store_true", help="resolve with validate=True")
+    parser.add_argument("--mode", choices=MODES, default="auto",
+                        help="the mode whose resolution sets the exit status; every mode is reported (default: auto)")
+    parser.add_argument("--device", default=None,
+                        help="device to probe, e.g. cpu or cuda:1 (default: the current CUDA device, else cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the same fields) instead of text")
+    parser.add_argument("--validate", action="store_true",
+                        help="resolve with validate=True: the callables also check offs' values (a device sync on a GPU)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None, prog: Optional[str] = None) -> int:
+    stdout = stdout or sys.stdout
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
+
+    from .report import environment_report  # imports torch: only after the arguments parsed
 
     logging.getLogger("mxfp8_compat").addHandler(logging.NullHandler())
     logging.getLogger("mxfp8_compat").propagate = False

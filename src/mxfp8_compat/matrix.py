@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import matrix_totals
 from .agreement import reference_agreement
 from .errors import MXFP8Unavailable
 from .metrics import float64_forward_backward, forward_backward, sqnr_db
@@ -165,7 +166,8 @@ def _cell(record: dict[str, Any]) -> dict[str, str]:
         "emulated": emu,
         "sqnr": sqnr,
         "smoke": _db(modes["emulated"].get("smoke_sqnr_db")),
-        "tests": f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped" if tests else "-",
+        "tests": f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped" if tests
+        else "no test results (counted as 1 failed)",
         "auto_reason": auto["reasons"][0] if auto["reasons"] else "",
     }
 
@@ -227,17 +229,13 @@ def _native_footer(records: list[dict[str, Any]]) -> list[str]:
 
 
 def totals(records: list[dict[str, Any]]) -> dict[str, int]:
-    """passed / failed / skipped summed over the records' test counts."""
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
-    for record in records:
-        for key in counts:
-            counts[key] += (record.get("tests") or {}).get(key, 0)
-    return counts
+    """passed / failed / skipped summed over the records' test counts; a record without counts is 1 failed."""
+    summary = matrix_totals.summarize(records)
+    return {key: summary[key] for key in ("passed", "failed", "skipped")}
 
 
-def _totals_line(records: list[dict[str, Any]]) -> str:
-    counts = totals(records)
-    return f"matrix: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+def _totals_line(records: list[dict[str, Any]], expected: Sequence[str] = ()) -> str:
+    return matrix_totals.totals_line(matrix_totals.summarize(records, expected))
 
 
 def _read_records(results_dir: Path) -> list[dict[str, Any]]:
@@ -307,10 +305,12 @@ def _refresh_requested(flag: bool) -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-def finish(run_dir: Path, matrix_dir: Path, refresh: bool, out: Any = None) -> int:
+def finish(run_dir: Path, matrix_dir: Path, refresh: bool, out: Any = None, expected: Sequence[str] = ()) -> int:
     """The tox ``matrix`` env: print the run's table and totals; with ``refresh``, update ``matrix_dir``.
 
-    Returns 0 (the totals are information; each env's own exit status reports its failures).
+    ``expected`` names the envs this run should have recorded: the totals line names those with
+    no record as not run (see :mod:`mxfp8_compat.matrix_totals`). Returns 1 when a record has no
+    test counts (its env did not run its tests), else 0: failed tests are each env's own exit status.
     """
     out = out or sys.stdout
     records = _read_records(run_dir) if run_dir.is_dir() else []
@@ -329,8 +329,9 @@ def finish(run_dir: Path, matrix_dir: Path, refresh: bool, out: Any = None) -> i
         out.write(render_records(records) + "\n")
     else:
         out.write(f"no records in {run_dir}: run a test env first (e.g. tox -e notorchao)\n")
-    out.write(_totals_line(records) + "\n")
-    return 0
+    summary = matrix_totals.summarize(records, expected)
+    out.write(matrix_totals.totals_line(summary) + "\n")
+    return 1 if summary["no_tests"] else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -345,6 +346,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fin = sub.add_parser("finish", help="print the run's table and totals; --refresh also updates compat_matrix/")
     fin.add_argument("--run-dir", type=Path, required=True, help="where this run's records were written")
     fin.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    fin.add_argument("--tox-ini", type=Path, default=None,
+                     help="name the envs of its [testenv:matrix] depends that left no record as not run")
     fin.add_argument("--refresh", action="store_true",
                      help=f"copy the records into <dir>/results and render <dir>/README.md (also: {REFRESH_ENV_VAR}=1 or CI=true)")
     ren = sub.add_parser("render", help="render compat_matrix/README.md from the records")
@@ -360,7 +363,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wrote {path}")
         return 0
     if args.command == "finish":
-        return finish(args.run_dir, args.dir, _refresh_requested(args.refresh))
+        expected = matrix_totals.expected_envs(args.tox_ini) if args.tox_ini else ()
+        if args.tox_ini and not expected:
+            parser.error(f"--tox-ini {args.tox_ini}: no [testenv:matrix] depends found")
+        return finish(args.run_dir, args.dir, _refresh_requested(args.refresh), expected=expected)
     text = render(args.dir / "results")
     (args.dir / "README.md").write_text(text)
     if args.print:
