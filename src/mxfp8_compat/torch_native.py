@@ -359,9 +359,11 @@ def torch_kernel_problem(row: TorchGeneration, device: torch.device) -> Optional
 # GEMMs notice); under torch.compile the same functions are wrapped as the custom ops
 # mxfp8_compat::torch_mxfp8_forward / torch_mxfp8_backward, which the compiler keeps opaque (no
 # graph break, no tracing of the Triton launches), with fake kernels for their shapes, strides and
-# dtypes (the weight quantised along N, e4m3 data and e8m0 scales, crosses from the forward op to
-# the backward op). Neither reads offs on the host: padded sizes are bounds known from shapes,
-# and group boundaries are read by the kernels on the device.
+# dtypes. The weight quantised along N (e4m3 data, e8m0 scales) crosses from the forward op to the
+# backward op as its bits, uint8 (a free view either way): the compiler only stores it, and uint8
+# is a dtype every torch's inductor and AOT checks handle (float8 has no CPU sum, which
+# torch.library.opcheck applies to every output). Neither op reads offs on the host: padded sizes
+# are bounds known from shapes, group boundaries are read by the kernels on the device.
 #
 # A custom op takes no Python callable, so the bound entry (``ScaledGroupedMM``) is registered
 # here and named in the op's arguments by a string key.
@@ -470,11 +472,11 @@ def _torch_forward(
     wgrad_with_hp: bool,
     keep_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out bf16 (M, N), B along N: e4m3 data (E, K, N) and e8m0 scales, or two empty tensors)."""
+    """(out bf16 (M, N), B along N: the bits (uint8) of its e4m3 data (E, K, N) and e8m0 scales, or two empty tensors)."""
     out, weight_n = _forward_impl(A, B_t, _padding_of(A, padded_offs, source_rows, padded_positions), _GEMMS[gemm], keep_weight)
     if weight_n is None:
-        return out, A.new_empty(0, dtype=_E4M3), A.new_empty(0, dtype=_E8M0)
-    return out, weight_n.data, weight_n.scales
+        return out, A.new_empty(0, dtype=torch.uint8), A.new_empty(0, dtype=torch.uint8)
+    return out, weight_n.data.view(torch.uint8), weight_n.scales.view(torch.uint8)
 
 
 @_torch_forward.register_fake
@@ -482,9 +484,9 @@ def _(A, B_t, offs, padded_offs, source_rows, padded_positions, gemm, wgrad_with
     E, K, N = B_t.shape
     out = A.new_empty((A.shape[0], N), dtype=torch.bfloat16)
     if not keep_weight:
-        return out, A.new_empty(0, dtype=_E4M3), A.new_empty(0, dtype=_E8M0)
+        return out, A.new_empty(0, dtype=torch.uint8), A.new_empty(0, dtype=torch.uint8)
     data, scales = _weight_n_shapes(E, K, N)
-    return out, A.new_empty(data, dtype=_E4M3), A.new_empty(scales, dtype=_E8M0)
+    return out, A.new_empty(data, dtype=torch.uint8), A.new_empty(scales, dtype=torch.uint8)
 
 
 @torch.library.custom_op("mxfp8_compat::torch_mxfp8_backward", mutates_args=())
@@ -504,7 +506,7 @@ def _torch_backward(
     need_B: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad A (M, K) or empty, grad B (E, K, N) or empty): :func:`_backward_impl`."""
-    weight_n = MXOperand(weight_n_data, weight_n_scales) if need_A else None
+    weight_n = MXOperand(weight_n_data.view(_E4M3), weight_n_scales.view(_E8M0)) if need_A else None
     grad_A, grad_B = _backward_impl(
         grad_out, A, offs, _padding_of(A, padded_offs, source_rows, padded_positions), weight_n,
         _GEMMS[gemm], wgrad_with_hp, b_dtype, need_A, need_B,
