@@ -353,6 +353,86 @@ def torch_kernel_problem(row: TorchGeneration, device: torch.device) -> Optional
 
 
 # --- the differentiable GEMM ---------------------------------------------------------------------
+#
+# The math lives in _forward_impl / _backward_impl. Eager calls reach them through a plain
+# torch.autograd.Function (a custom op's dispatch costs tens of microseconds a call, which small
+# GEMMs notice); under torch.compile the same functions are wrapped as the custom ops
+# mxfp8_compat::torch_mxfp8_forward / torch_mxfp8_backward, which the compiler keeps opaque (no
+# graph break, no tracing of the Triton launches), with fake kernels for their shapes, strides and
+# dtypes. The weight quantised along N (e4m3 data, e8m0 scales) crosses from the forward op to the
+# backward op as its bits, uint8 (a free view either way): the compiler only stores it, and uint8
+# is a dtype every torch's inductor and AOT checks handle (float8 has no CPU sum, which
+# torch.library.opcheck applies to every output). Neither op reads offs on the host: padded sizes
+# are bounds known from shapes, group boundaries are read by the kernels on the device.
+#
+# A custom op takes no Python callable, so the bound entry (``ScaledGroupedMM``) is registered
+# here and named in the op's arguments by a string key.
+
+_GEMMS: dict[str, ScaledGroupedMM] = {}
+
+
+def _gemm_key(gemm: ScaledGroupedMM) -> str:
+    """The key naming ``gemm`` in the custom ops' arguments (registered on first use, held for good)."""
+    for key, known in _GEMMS.items():
+        if known is gemm:
+            return key
+    key = f"{getattr(gemm, '__name__', 'gemm')}#{len(_GEMMS)}"
+    _GEMMS[key] = gemm
+    return key
+
+
+def _padding_of(A: torch.Tensor, padded_offs: torch.Tensor, source_rows: torch.Tensor, padded_positions: torch.Tensor) -> TokenGroupPadding:
+    return TokenGroupPadding(ALIGNMENT, A.shape[0], source_rows.shape[0], padded_offs, source_rows, padded_positions)
+
+
+def _weight_n_shapes(E: int, K: int, N: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    """(data, scales) shapes of the weight quantised along N (see :func:`quantize_weight`)."""
+    return (E, K, N), (E, _round_up(K, 128) * _round_up(N // BLOCK_SIZE, 4))
+
+
+def _forward_impl(
+    A: torch.Tensor, B_t: torch.Tensor, padding: TokenGroupPadding, gemm: ScaledGroupedMM, keep_weight: bool
+) -> tuple[torch.Tensor, Optional[MXOperand]]:
+    """out = gemm(q_K(A) padded, q_K(B)) unpadded, bf16 (M, N) contiguous; B quantised along N if ``keep_weight``."""
+    a = quantize_rows(A, padding)
+    along_k, along_n = quantize_weight(B_t, along_k=True, along_n=keep_weight)
+    assert along_k is not None
+    out = gemm(a.data, along_k.data.transpose(-2, -1), a.scales, along_k.scales, padding.padded_offs)
+    return gather_rows(out, padding.padded_positions), along_n
+
+
+def _backward_impl(
+    grad_out: torch.Tensor,
+    A: torch.Tensor,
+    offs: torch.Tensor,
+    padding: TokenGroupPadding,
+    weight_n: Optional[MXOperand],
+    gemm: ScaledGroupedMM,
+    wgrad_with_hp: bool,
+    b_dtype: torch.dtype,
+    need_A: bool,
+    need_B: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dA = q_N(dY) q_N(B)^T, (M, K) contiguous in A's dtype; dB = q_M(A)^T q_M(dY) per group, (E, K, N)
+    strides (K*N, 1, K) (the layout of a per-group column-major weight), or with ``wgrad_with_hp``
+    A^T dY in bf16 GEMMs, contiguous. Empty groups get a zero dB, rows after offs[-1] a zero dA."""
+    grad_A = grad_B = None
+    if need_A:
+        assert weight_n is not None, "the forward kept no weight quantised along N"
+        g = quantize_rows(grad_out, padding)
+        dgrad = gemm(g.data, weight_n.data.transpose(-2, -1), g.scales, weight_n.scales, padding.padded_offs)
+        grad_A = gather_rows(dgrad, padding.padded_positions).to(A.dtype)
+    if need_B:
+        E = offs.shape[0]
+        zero = torch.zeros((), dtype=b_dtype, device=A.device)
+        non_empty = (torch.diff(offs, prepend=offs.new_zeros(1)) > 0).view(-1, 1, 1)  # the kernel writes nothing for empty groups
+        if wgrad_with_hp:
+            grad_B = torch.where(non_empty, wgrad_gemm(A, grad_out.to(A.dtype), offs, E, b_dtype), zero).contiguous()
+        else:
+            g_t, a_t = quantize_grouped_columns(grad_out, padding), quantize_grouped_columns(A, padding)
+            wgrad = gemm(g_t.data, a_t.data.t(), g_t.scales, a_t.scales, padding.padded_offs)  # (E, N, K)
+            grad_B = torch.where(non_empty, wgrad.to(b_dtype), zero).contiguous().transpose(-2, -1)
+    return grad_A, grad_B
 
 
 class _TorchMXFP8(torch.autograd.Function):
@@ -363,52 +443,136 @@ class _TorchMXFP8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B_t, offs, gemm, wgrad_with_hp):  # type: ignore[override]
         padding = token_group_padding(offs, A.shape[0], ALIGNMENT)
-        a = quantize_rows(A, padding)
-        along_k, along_n = quantize_weight(B_t, along_k=True, along_n=ctx.needs_input_grad[0])
-        assert along_k is not None
-        out = gemm(a.data, along_k.data.transpose(-2, -1), a.scales, along_k.scales, padding.padded_offs)
-        keep = (along_n.data, along_n.scales) if along_n is not None else ()
+        out, weight_n = _forward_impl(A, B_t, padding, gemm, keep_weight=ctx.needs_input_grad[0])
+        keep = (weight_n.data, weight_n.scales) if weight_n is not None else ()
         ctx.save_for_backward(A, offs, padding.padded_offs, padding.source_rows, padding.padded_positions, *keep)
-        ctx.gemm, ctx.wgrad_with_hp, ctx.padded_rows, ctx.b_shape, ctx.b_dtype = gemm, wgrad_with_hp, padding.padded_rows, B_t.shape, B_t.dtype
-        return gather_rows(out, padding.padded_positions)
+        ctx.gemm, ctx.wgrad_with_hp, ctx.b_dtype = gemm, wgrad_with_hp, B_t.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         A, offs, padded_offs, source_rows, padded_positions, *kept = ctx.saved_tensors
-        padding = TokenGroupPadding(ALIGNMENT, A.shape[0], ctx.padded_rows, padded_offs, source_rows, padded_positions)
-        grad_out = grad_out.contiguous()
-        grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            weight_n, weight_n_scales = kept
-            g = quantize_rows(grad_out, padding)
-            grad_A = gather_rows(ctx.gemm(g.data, weight_n.transpose(-2, -1), g.scales, weight_n_scales, padded_offs), padded_positions).to(A.dtype)
-        if ctx.needs_input_grad[1]:
-            E = ctx.b_shape[0]
-            if ctx.wgrad_with_hp:
-                grad_B = wgrad_gemm(A, grad_out.to(A.dtype), offs, E, ctx.b_dtype)
-            else:
-                g_t, a_t = quantize_grouped_columns(grad_out, padding), quantize_grouped_columns(A, padding)
-                grad_B = ctx.gemm(g_t.data, a_t.data.t(), g_t.scales, a_t.scales, padded_offs).transpose(-2, -1).to(ctx.b_dtype)
-            sizes = torch.diff(offs, prepend=offs.new_zeros(1))  # empty groups: the kernel writes nothing
-            grad_B = torch.where((sizes > 0).view(-1, 1, 1), grad_B, torch.zeros((), dtype=grad_B.dtype, device=grad_B.device))
+        grad_A, grad_B = _backward_impl(
+            grad_out.contiguous(), A, offs, _padding_of(A, padded_offs, source_rows, padded_positions),
+            MXOperand(*kept) if kept else None, ctx.gemm, ctx.wgrad_with_hp, ctx.b_dtype,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )
         return grad_A, grad_B, None, None, None
 
 
-# The Triton launches and autograd.Function are not traced by torch.compile: a compiled caller
-# runs this call eagerly (a graph break), as it does a first resolve().
-@torch.compiler.disable
-def _apply(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, gemm: ScaledGroupedMM, wgrad_with_hp: bool) -> torch.Tensor:
-    return _TorchMXFP8.apply(A, B_t, offs, gemm, wgrad_with_hp)
+@torch.library.custom_op("mxfp8_compat::torch_mxfp8_forward", mutates_args=())
+def _torch_forward(
+    A: torch.Tensor,
+    B_t: torch.Tensor,
+    offs: torch.Tensor,
+    padded_offs: torch.Tensor,
+    source_rows: torch.Tensor,
+    padded_positions: torch.Tensor,
+    gemm: str,
+    wgrad_with_hp: bool,
+    keep_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out bf16 (M, N), B along N: the bits (uint8) of its e4m3 data (E, K, N) and e8m0 scales, or two empty tensors)."""
+    out, weight_n = _forward_impl(A, B_t, _padding_of(A, padded_offs, source_rows, padded_positions), _GEMMS[gemm], keep_weight)
+    if weight_n is None:
+        return out, A.new_empty(0, dtype=torch.uint8), A.new_empty(0, dtype=torch.uint8)
+    return out, weight_n.data.view(torch.uint8), weight_n.scales.view(torch.uint8)
+
+
+@_torch_forward.register_fake
+def _(A, B_t, offs, padded_offs, source_rows, padded_positions, gemm, wgrad_with_hp, keep_weight):  # type: ignore[no-untyped-def]
+    E, K, N = B_t.shape
+    out = A.new_empty((A.shape[0], N), dtype=torch.bfloat16)
+    if not keep_weight:
+        return out, A.new_empty(0, dtype=torch.uint8), A.new_empty(0, dtype=torch.uint8)
+    data, scales = _weight_n_shapes(E, K, N)
+    return out, A.new_empty(data, dtype=torch.uint8), A.new_empty(scales, dtype=torch.uint8)
+
+
+@torch.library.custom_op("mxfp8_compat::torch_mxfp8_backward", mutates_args=())
+def _torch_backward(
+    grad_out: torch.Tensor,
+    A: torch.Tensor,
+    offs: torch.Tensor,
+    padded_offs: torch.Tensor,
+    source_rows: torch.Tensor,
+    padded_positions: torch.Tensor,
+    weight_n_data: torch.Tensor,
+    weight_n_scales: torch.Tensor,
+    gemm: str,
+    wgrad_with_hp: bool,
+    b_dtype: torch.dtype,
+    need_A: bool,
+    need_B: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad A (M, K) or empty, grad B (E, K, N) or empty): :func:`_backward_impl`."""
+    weight_n = MXOperand(weight_n_data.view(_E4M3), weight_n_scales.view(_E8M0)) if need_A else None
+    grad_A, grad_B = _backward_impl(
+        grad_out, A, offs, _padding_of(A, padded_offs, source_rows, padded_positions), weight_n,
+        _GEMMS[gemm], wgrad_with_hp, b_dtype, need_A, need_B,
+    )
+    return (grad_A if grad_A is not None else A.new_empty(0)), (grad_B if grad_B is not None else A.new_empty(0, dtype=b_dtype))
+
+
+@_torch_backward.register_fake
+def _(grad_out, A, offs, padded_offs, source_rows, padded_positions, weight_n_data, weight_n_scales, gemm, wgrad_with_hp, b_dtype, need_A, need_B):  # type: ignore[no-untyped-def]
+    M, K = A.shape
+    E, N = offs.shape[0], grad_out.shape[1]
+    grad_A = A.new_empty((M, K) if need_A else (0,))
+    if not need_B:
+        grad_B = A.new_empty((0,), dtype=b_dtype)
+    elif wgrad_with_hp:
+        grad_B = A.new_empty((E, K, N), dtype=b_dtype)
+    else:
+        grad_B = A.new_empty((E, N, K), dtype=b_dtype).transpose(-2, -1)
+    return grad_A, grad_B
+
+
+def _setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    A, B_t, offs, padded_offs, source_rows, padded_positions, gemm, wgrad_with_hp, keep_weight = inputs
+    _, weight_n_data, weight_n_scales = output
+    ctx.save_for_backward(A, offs, padded_offs, source_rows, padded_positions, weight_n_data, weight_n_scales)
+    ctx.mark_non_differentiable(weight_n_data, weight_n_scales)
+    ctx.set_materialize_grads(False)
+    ctx.gemm, ctx.wgrad_with_hp, ctx.b_dtype = gemm, wgrad_with_hp, B_t.dtype
+
+
+def _backward(ctx, grad_out, _grad_data, _grad_scales):  # type: ignore[no-untyped-def]
+    none = (None,) * 9
+    if grad_out is None:
+        return none
+    need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_A, grad_B = _torch_backward(
+        grad_out.contiguous(), *ctx.saved_tensors, ctx.gemm, ctx.wgrad_with_hp, ctx.b_dtype, need_A, need_B
+    )
+    return (grad_A if need_A else None), (grad_B if need_B else None), *none[2:]
+
+
+_torch_forward.register_autograd(_backward, setup_context=_setup)
+
+
+def _apply(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, gemm: ScaledGroupedMM, key: str, wgrad_with_hp: bool) -> torch.Tensor:
+    """Eagerly the autograd.Function; under torch.compile the custom op (``key`` names ``gemm`` there)."""
+    if not torch.compiler.is_compiling():
+        return _TorchMXFP8.apply(A, B_t, offs, gemm, wgrad_with_hp)
+    padding = token_group_padding(offs, A.shape[0], ALIGNMENT)
+    keep_weight = torch.is_grad_enabled() and A.requires_grad  # what the Function's needs_input_grad[0] says
+    return _torch_forward(
+        A, B_t, offs, padding.padded_offs, padding.source_rows, padding.padded_positions, key, wgrad_with_hp, keep_weight
+    )[0]
 
 
 def torch_native_call(gemm: ScaledGroupedMM, wgrad_with_hp: bool) -> GroupedMMCall:
     """torch's MXFP8 grouped GEMM as a ``call(A, B_t, offs, out_dtype)`` for ``backends.make_mxfp8``.
 
     Any group sizes (the quantisers pad); the result is bf16 (torch's kernel emits nothing else).
+    No host sync (``offs`` is read on the device only); under ``torch.compile`` two opaque custom
+    ops, no graph break.
     """
+    key = _gemm_key(gemm)
 
     def torch_mxfp8(A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return _apply(A, B_t, offs, gemm, wgrad_with_hp)
+        return _apply(A, B_t, offs, gemm, key, wgrad_with_hp)
 
     return torch_mxfp8
 
