@@ -6,8 +6,8 @@ One launch of ``tests/torchtitan_worker.py`` on 2 processes through tests/distri
 torchtitan 0.3.0's config tree, converts it with ``MXFP8CompatConverter``, parallelizes it with
 torchtitan's ``parallelize_qwen3`` for EP=2 over FSDP=2 (``model.parallelize`` then
 ``apply_fsdp_to_decoder``), trains 2 SGD steps on its half of the batch and compares with the same
-model in one process. The worker's docstring lists the three CPU/gloo stand-ins (device type,
-gloo's missing PREMUL_SUM, SDPA for the compiled flex attention) and argues why the results are
+model in one process. The worker's docstring lists the four CPU/gloo stand-ins (device type,
+gloo's missing PREMUL_SUM, SDPA for the compiled flex attention, no trainer import) and argues why the results are
 bitwise. Here:
 
 * ``off`` and ``emulated``: logits of the global batch, each rank's loss, every parameter's
