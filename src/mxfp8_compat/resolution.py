@@ -25,7 +25,7 @@ from typing import Callable, Literal, Optional, Union, get_args
 
 import torch
 
-from . import probes, torch_native
+from . import probes
 from .backends import GroupedMM, log_once, make_bf16, make_mxfp8, reference_call
 from .errors import MXFP8Unavailable
 from .fast_emulation import fast_call, fast_emulation_problem
@@ -467,6 +467,7 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
 
 def _try_torch_native(ctx: _Context, mode: Mode, shape_fallback: Optional[GroupedMM]) -> Union[Resolution, tuple[str, ...]]:
     """torch's own MXFP8 grouped GEMM (:mod:`mxfp8_compat.torch_native`), or every reason it is unavailable."""
+    from . import torch_native  # imports torch._dynamo (seconds): only where a native kernel may run
     found = torch_native.resolve_torch_native(
         ctx.device, validate=ctx.validate, wgrad_with_hp=ctx.wgrad_with_hp, shape_fallback=shape_fallback
     )
