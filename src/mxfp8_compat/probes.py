@@ -297,10 +297,15 @@ def _smoke_run(
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator, dtype=torch.float32, device=cpu).to(device=device, dtype=torch.bfloat16)
 
-    A0 = randn(rows, SMOKE_K)
-    B0 = weight_relayout(randn(experts, SMOKE_K, SMOKE_N))
-    grad_out = randn(rows, SMOKE_N)
-    offs = torch.tensor(SMOKE_GROUP_ROWS, dtype=torch.int64, device=cpu).cumsum(0).to(device=device, dtype=torch.int32)
+    try:
+        A0 = randn(rows, SMOKE_K)
+        B0 = weight_relayout(randn(experts, SMOKE_K, SMOKE_N))
+        grad_out = randn(rows, SMOKE_N)
+        offs = torch.tensor(SMOKE_GROUP_ROWS, dtype=torch.int64, device=cpu).cumsum(0).to(device=device, dtype=torch.int32)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - no driver, no memory: the device cannot hold the inputs
+        return SmokeResult(nan, nan, nan, f"smoke run could not place its inputs on {device}: {type(error).__name__}: {_one_line(error)}")
     A = A0.clone().requires_grad_(True)
     B = B0.clone().requires_grad_(True)
     try:
