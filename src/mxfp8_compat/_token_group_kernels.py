@@ -82,6 +82,8 @@ def _layout_kernel(
     padded_sizes = (sizes + (align - 1)) // align * align
     padded_ends = tl.cumsum(padded_sizes, 0)
     padded_starts = padded_ends - padded_sizes
+    # the last group runs to the buffer's end (its extra rows are padding): no row is left unwritten
+    padded_ends = tl.where(e == n_groups - 1, padded_rows, padded_ends)
     pid = tl.program_id(0)
     if pid == 0:
         tl.store(padded_offs_ptr + e, padded_ends, mask=e_ok)

@@ -344,8 +344,11 @@ def make_mxfp8(
             problem = group_alignment_problem(ends, group_alignment) if pads else None
             if promised and problem is not None:
                 raise ValueError(f"offs: groups_aligned=True promises group sizes aligned to {group_alignment}, but {problem}")
-            if pads and problem is None and aligned_rows_problem(A, group_alignment) is None:
-                groups_aligned = True  # offs was read anyway (free on the CPU): nothing to pad
+            # offs was read anyway (free on the CPU): nothing to pad when every row is in an aligned
+            # group (rows after offs[-1] would be left unwritten by the kernel: padding covers them)
+            tail_free = not ends or ends[-1] == A.shape[0]
+            if pads and problem is None and tail_free and aligned_rows_problem(A, group_alignment) is None:
+                groups_aligned = True
         if bf16_operands and A.dtype is torch.float32:
             A, B = A.to(torch.bfloat16), B.to(torch.bfloat16)
         callee_dtype = out_dtype

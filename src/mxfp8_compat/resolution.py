@@ -254,7 +254,7 @@ def _resolve_slow(
     with lock:
         resolution = _cache.get(normal_key)
         if resolution is None:
-            resolution = dataclasses.replace(_resolve_uncached(*normal_key), request=normal_key)
+            resolution = dataclasses.replace(_in_a_thread_of_its_own(_resolve_uncached, *normal_key), request=normal_key)
         with _key_locks_guard:
             if epoch == _epoch:  # not reset() meanwhile
                 _cache[normal_key] = resolution
@@ -263,6 +263,34 @@ def _resolve_slow(
                 except TypeError:  # an unhashable argument that still normalised (e.g. a list-like device)
                     pass
     return resolution
+
+
+def _in_a_thread_of_its_own(fn: Callable[..., Resolution], *args: object) -> Resolution:
+    """``fn(*args)`` run in a new thread; its result returned, its exception raised here.
+
+    The probes run small forward and backward passes. The caller may be inside torch state
+    that is thread-local and would capture them: a non-reentrant activation checkpoint's
+    saved-tensor hooks (the smoke run's backward would recompute the caller's checkpointed
+    region, which resolves again and waits on the lock held here: a hang), ``no_grad`` or
+    ``inference_mode``, a TorchFunction or TorchDispatch mode (a default device, FakeTensorMode).
+    A new thread starts with none of them; context variables are carried over. Only a first
+    resolve() per argument set pays for the thread (~0.1 ms).
+    """
+    context = contextvars.copy_context()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = context.run(fn, *args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="mxfp8_compat-resolve", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
 
 
 _environment_snapshot: Optional[dict[str, str]] = None

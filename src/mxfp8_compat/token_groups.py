@@ -63,6 +63,10 @@ class TokenGroupPadding:
         rows: M, the rows of the unpadded tensor.
         padded_rows: the static length of the padded buffer (:func:`padded_rows_bound`).
         padded_offs: int32 ``(E,)`` cumulative ends of the padded groups (multiples of ``alignment``).
+            The last group runs to ``padded_rows``: its extra rows are padding (zeros), and no row
+            of the buffer lies after the last group. Kernels leave such rows of their outputs and
+            gradients unwritten (uninitialised memory, which ``torch.autograd.detect_anomaly()``
+            reports as NaN); here every row is computed, from zeros where it is padding.
         source_rows: int64 ``(padded_rows,)``: the unpadded row each padded row holds, ``rows``
             for a padding row (read as zeros).
         padded_positions: int64 ``(rows,)``: the padded row of each unpadded row,
@@ -145,6 +149,7 @@ def _token_group_layout_torch(
     padded_sizes = (sizes + (alignment - 1)) // alignment * alignment
     padded_ends = torch.cumsum(padded_sizes, 0)
     padded_starts = padded_ends - padded_sizes
+    padded_ends[-1] = padded_rows  # the last group runs to the buffer's end (see TokenGroupPadding)
 
     # padded row j -> its group, its position in the group, the source row (or `rows`: padding)
     j = torch.arange(padded_rows, device=device)
