@@ -135,7 +135,7 @@ def test_out_of_memory_propagates_untouched(caplog):
     fn = resolve("off", device="cuda")
     free, _ = torch.cuda.mem_get_info()
     M, K = 2**16, 128
-    N = 1 << max(10, (free // (M * 2)).bit_length())  # an (M, N) bf16 output of more than the free memory
+    N = 1 << max(10, (free // (M * 2)).bit_length() + 1)  # an (M, N) bf16 output of twice the free memory
     A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     B = torch.randn(2, K, N, device="cuda", dtype=torch.bfloat16)
     offs = torch.tensor([M // 2, M], dtype=torch.int32, device="cuda")

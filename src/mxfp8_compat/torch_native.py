@@ -86,8 +86,9 @@ def _launch(device: torch.device) -> tuple[ModuleType, bool, dict]:
 
 
 def _src(x: torch.Tensor, hw: bool) -> torch.Tensor:
-    """bf16 is read through an int16 view on the arithmetic path."""
-    return x.view(torch.int16) if (x.dtype == torch.bfloat16 and not hw) else x
+    """bf16 is read through an int16 view on the arithmetic path (the kernels' HW_CVT=False: no
+    conversion instructions, or USE_HW_CVT turned off)."""
+    return x.view(torch.int16) if (x.dtype == torch.bfloat16 and not (hw and USE_HW_CVT)) else x
 
 
 def _dst(q: torch.Tensor, hw: bool) -> torch.Tensor:
