@@ -120,9 +120,12 @@ def test_isolated_probe_and_cache_from_several_ranks(tmp_path):
     assert len(list((tmp_path / "verdicts").iterdir())) == 1
 
 
+# SIGINT as a terminal's Ctrl-C delivers it: tox run-parallel starts its envs with SIGINT ignored,
+# and an ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt handler).
 _LAUNCH_AND_HANG = """
-import sys
+import signal, sys
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, sys.argv[2])
 from distributed_launch import launch
 launch(Path(sys.argv[1]), ["hang"])
