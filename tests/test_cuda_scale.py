@@ -130,6 +130,7 @@ def test_tensors_on_the_second_gpu_while_the_first_is_current(mode):
     assert torch.equal(_bits(out.cpu()), _bits(expected.cpu()))
 
 
+@large  # it needs the GPU to itself: its output is sized from the free memory
 def test_out_of_memory_propagates_untouched(caplog):
     """Before: an OOM was logged as a stride refusal, B copied during the OOM, and a second OOM raised."""
     fn = resolve("off", device="cuda")
