@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import signal
 import sys
@@ -153,3 +154,15 @@ needs_grouped_mm_on_cpu = pytest.mark.skipif(
     not __import__("mxfp8_compat.reference", fromlist=["grouped_mm_support"]).grouped_mm_support("cpu", torch.bfloat16)[0],
     reason=f"torch {torch.__version__} has no CPU kernel for torch._grouped_mm",
 )
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Every device-to-host sync inside is an error (``torch.cuda.set_sync_debug_mode("error")``)."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -8,13 +8,12 @@ kept under ``benchmarks/results/``. tests/test_kernel_bounds.py runs the same ke
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import pytest
 import torch
 
-from conftest import make_problem
+from conftest import make_problem, no_host_sync
 from mxfp8_compat import resolve
 from mxfp8_compat.reference import mxfp8_grouped_mm_reference
 from mxfp8_compat.token_groups import gather_rows
@@ -25,17 +24,6 @@ pytestmark = [
 ]
 large = pytest.mark.large
 MODES = ["off", "emulated", "auto"]
-
-
-@contextlib.contextmanager
-def sync_debug_error():
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -153,11 +141,11 @@ def test_bf16_output_never_syncs_and_float32_output_syncs_as_documented(mode):
     p = make_problem(group_rows=(128, 0, 77, 300), k=256, n=128, device="cuda")
     fn = resolve(mode, device="cuda")
     fn(p.A, p.B, p.offs)  # warm up: first calls compile kernels
-    with sync_debug_error():
+    with no_host_sync():
         out = fn(p.A, p.B, p.offs)
         out.backward(p.grad_out)
     syncs = False
-    with sync_debug_error():
+    with no_host_sync():
         try:
             fn(p.A, p.B, p.offs, out_dtype=torch.float32).sum().backward()
         except RuntimeError as error:

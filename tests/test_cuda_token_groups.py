@@ -7,12 +7,11 @@ padded buffer, asserting the alignment on the device side only) proves the shim'
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
-from conftest import make_problem, run_with_grads
+from conftest import make_problem, no_host_sync, run_with_grads
 from mxfp8_compat import resolve, sqnr_db
 from mxfp8_compat.backends import make_mxfp8
 from mxfp8_compat.reference import mxfp8_grouped_mm_reference
@@ -23,17 +22,6 @@ pytestmark = [
 ]
 
 UNALIGNED = (100, 0, 37, 300, 5, 64, 129, 1)
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _standin_native(A, B_t, offs, out_dtype):
