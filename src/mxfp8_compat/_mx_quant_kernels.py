@@ -28,42 +28,20 @@
 # nearest even, either by the GPU's cvt instruction (HW_CVT) or by exact float32 arithmetic (the
 # CPU interpreter), whose e4m3 bits are then assembled by hand. A NaN block's data is 0x7F.
 
+import os
+
 import triton
 import triton.language as tl
 
-
-# Reductions through tl.reduce / tl.associative_scan with triton's combine functions, which the
-# interpreter runs as numpy reductions (see _fast_kernels.py).
-@triton.jit
-def _max(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._elementwise_max)
+from ._kernel_launch import kernel_module
 
 
-@triton.jit
-def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@triton.jit
-def _cumsum(x, axis: tl.constexpr):
-    return tl.associative_scan(x, axis, tl.standard._sum_combine)
-
-
-@triton.jit
-def _load_f32(ptr, offsets, mask, IN_BF16: tl.constexpr, HW_CVT: tl.constexpr):
-    """Load as float32; bf16 is read through an int16 view when HW_CVT is off (exact widening)."""
-    if IN_BF16 and not HW_CVT:
-        raw = tl.load(ptr + offsets, mask=mask, other=0)
-        bits = (raw.to(tl.int32) & 0xFFFF) << 16
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _abs_bits(x):
-    """|x| as int32 bits: ordered like |x|, and above inf (0x7F800000) for NaN."""
-    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+# Shared with _fast_kernels.py (reductions the interpreter can run, bf16 loads, |x| bits), compiled
+# or interpreted as this file is.
+_helpers = kernel_module("_kernel_helpers", os.environ.get("TRITON_INTERPRET") == "1")
+_max, _sum, _cumsum, _load_f32, _abs_bits = (
+    _helpers._max, _helpers._sum, _helpers._cumsum, _helpers._load_f32, _helpers._abs_bits,
+)
 
 
 @triton.jit
