@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -181,3 +183,104 @@ def test_concurrent_isolated_resolves_start_one_child(fake_torchao, verdict_cach
     for thread in threads:
         thread.join()
     assert len(results) == 2 and len(calls) == 1
+
+
+# --- issue 23 and issue 17: spellings, one wait, content, channel, steps, GPU identity ------------
+
+
+@pytest.mark.parametrize(
+    "spelling, isolates",
+    [("true", True), ("YES", True), ("on", True), (" On ", True), ("1", True),
+     ("0", False), ("false", False), ("No", False), ("off", False), ("", False)],
+)
+def test_every_usual_spelling_of_the_environment_variable(fake_torchao, verdict_cache, monkeypatch, spelling, isolates):
+    fake_torchao("0.16.0", fakes.import_raising("raise ImportError('broken on purpose')"))
+    monkeypatch.setenv("MXFP8_COMPAT_ISOLATE", spelling)
+    calls = _count_children(monkeypatch)
+    assert any("broken on purpose" in r for r in resolve("auto", device="cpu").reasons)
+    assert len(calls) == (1 if isolates else 0), f"{spelling!r}: {len(calls)} isolated children"
+
+
+def test_an_unknown_spelling_is_a_clear_error(fake_torchao, monkeypatch):
+    fake_torchao("0.16.0", fakes.GEN_016)
+    monkeypatch.setenv("MXFP8_COMPAT_ISOLATE", "maybe")
+    with pytest.raises(ValueError, match="MXFP8_COMPAT_ISOLATE.*'maybe'"):
+        resolve("auto", device="cpu")
+
+
+def test_a_hanging_import_is_waited_for_once_per_process(fake_torchao, verdict_cache, monkeypatch):
+    fake_torchao("0.18.0", fakes.GEN_018)
+    calls = []
+
+    def hanging_run(command, **kwargs):
+        calls.append(command)
+        raise subprocess.TimeoutExpired(command, 600)
+
+    monkeypatch.setattr(subprocess, "run", hanging_run)
+    assert any("did not finish within" in r for r in resolve("auto", device="cpu", isolate=True).reasons)
+    with pytest.raises(MXFP8Unavailable, match="did not finish within"):
+        resolve("native", device="cpu", isolate=True)
+    emulated = resolve("emulated", device="cpu", isolate=True)
+    assert emulated.emulation == "reference" and any("did not finish within" in r for r in emulated.reasons)
+    assert len(calls) == 1, f"{len(calls)} waits for one hanging import"
+
+
+def test_an_edited_submodule_is_probed_again(fake_torchao, verdict_cache):
+    """Same version, same RECORD, same modification time: only the content changed."""
+    fake = fake_torchao("0.18.0", fakes.GEN_018)
+    assert isolation.isolated_problem("0.18.0", torch.device("cpu")) is None
+    module = fake.root / "torchao" / "prototype" / "moe_training" / "mxfp8_grouped_mm.py"
+    stat = module.stat()
+    module.write_text("import os; os.abort()\n" + module.read_text())
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    problem = isolation.isolated_problem("0.18.0", torch.device("cpu"))
+    assert problem is not None and "SIGABRT" in problem, problem
+
+
+def test_imported_code_cannot_forge_the_childs_verdict(fake_torchao, verdict_cache):
+    """A torchao whose import prints the old survival line on stdout and then ends the process."""
+    fake_torchao("0.18.0", fakes.import_raising('print(\'{"survived": true}\', flush=True); import os; os._exit(0)'))
+    problem = isolation.isolated_problem("0.18.0", torch.device("cpu"))
+    assert problem is not None and "without reporting a verdict" in problem, problem
+
+
+def _aborting_in_emulation() -> dict[str, str]:
+    """torchao 0.18 that imports cleanly and aborts the process in its emulated kernel."""
+    files = dict(fakes.GEN_018)
+    name = "torchao/prototype/moe_training/mxfp8_grouped_mm.py"
+    marker = '        record(generation="0.18"'
+    assert marker in files[name]
+    files[name] = files[name].replace(
+        marker, "        if kernel_preference == KernelPreference.EMULATED: __import__('os').abort()\n" + marker
+    )
+    return files
+
+
+def test_a_crash_in_one_modes_smoke_run_is_that_modes_verdict_not_an_import_verdict(fake_torchao, verdict_cache):
+    fake_torchao("0.18.0", _aborting_in_emulation())
+    emulated = resolve("emulated", device="cpu", isolate=True)
+    assert emulated.emulation == "reference", emulated
+    [reason] = [r for r in emulated.reasons if "SIGABRT" in r]
+    assert "resolving mode 'emulated'" in reason and "importing torchao" not in reason, reason
+    auto = resolve("auto", device="cpu", isolate=True)  # torchao imports and its native probe runs here
+    assert auto.backend == "bf16" and auto.generation is None
+    assert not any("killed" in r for r in auto.reasons), auto.reasons
+    assert not any("unusable" in r for r in auto.reasons), auto.reasons
+    assert "torchao.prototype.moe_training" in sys.modules, "auto's resolution survived the child: torchao is imported here"
+    [path] = verdict_cache.glob("verdict-*.json")
+    cached = json.loads(path.read_text())
+    assert cached["problem"] is None and "SIGABRT" in cached["modes"]["emulated"] and cached["modes"]["auto"] is None
+    # A later process reads all of it from the cache.
+    reset()
+    again = resolve("emulated", device="cpu", isolate=True)
+    assert again.emulation == "reference" and any("resolving mode 'emulated'" in r for r in again.reasons)
+
+
+def test_verdicts_are_keyed_on_the_gpus_name_and_capability(fake_torchao, monkeypatch):
+    fake_torchao("0.18.0", fakes.GEN_018)
+    keys = set()
+    for name, capability in [("NVIDIA H100", (9, 0)), ("NVIDIA B200", (10, 0)), ("NVIDIA H200", (9, 0))]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        keys.add(isolation._verdict_key("0.18.0", torch.device("cuda", 0)))
+    assert len(keys) == 3

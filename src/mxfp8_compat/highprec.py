@@ -107,8 +107,9 @@ def weight_grad_loop(A: torch.Tensor, grad_out: torch.Tensor, offs: torch.Tensor
     return grad_B
 
 
-# The fallback is a torch custom op: opaque to torch.compile (its group loop reads offs, which
-# would otherwise break the graph), with autograd registered beside it.
+# Under torch.compile the fallback is a torch custom op: opaque (its group loop reads offs,
+# which would otherwise break the graph), with autograd registered beside it; eager calls take
+# an autograd.Function around the same implementation.
 
 
 @torch.library.custom_op("mxfp8_compat::grouped_mm_fallback", mutates_args=())
@@ -123,6 +124,12 @@ def _(A, B, offs, out_dtype):  # type: ignore[no-untyped-def]
 
 @torch.library.custom_op("mxfp8_compat::grouped_mm_fallback_backward", mutates_args=())
 def _fallback_backward(
+    grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fallback_backward_impl(grad_out, A, B, offs)
+
+
+def _fallback_backward_impl(
     grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_A = grouped_mm_loop(grad_out, B.transpose(-2, -1), offs, torch.float32).to(A.dtype)
@@ -148,6 +155,24 @@ def _fallback_autograd(ctx, grad_out):  # type: ignore[no-untyped-def]
 _fallback_forward.register_autograd(_fallback_autograd, setup_context=_fallback_setup)
 
 
+class _Fallback(torch.autograd.Function):
+    """The same forward and backward for eager calls: a custom op's first call imports torch._dynamo."""
+
+    @staticmethod
+    def forward(A, B, offs, out_dtype):  # type: ignore[no-untyped-def, override]
+        return grouped_mm_highprec(A, B, offs, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+        _fallback_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
+        A, B, offs = ctx.saved_tensors
+        grad_A, grad_B = _fallback_backward_impl(grad_out.contiguous(), A, B, offs)
+        return grad_A, grad_B, None, None
+
+
 def grouped_mm_fallback(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`grouped_mm_highprec` as one differentiable, compile-safe op.
 
@@ -155,4 +180,6 @@ def grouped_mm_fallback(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, ou
     no kernel for the device (torch 2.8 on the CPU), and float32 output from bf16 inputs where
     its kernel emits only the input dtype. Backward runs per-group loops in float32.
     """
-    return _fallback_forward(A, B, offs, out_dtype)
+    if torch.compiler.is_compiling():
+        return _fallback_forward(A, B, offs, out_dtype)
+    return _Fallback.apply(A, B, offs, out_dtype)

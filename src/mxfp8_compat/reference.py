@@ -66,18 +66,24 @@ __all__ = [
 ]
 
 
-# The reference is a torch custom op: opaque to torch.compile (its group loops read offs, which
-# would otherwise break the graph), with autograd registered beside it.
+# Under torch.compile the reference is a torch custom op: opaque (its group loops read offs,
+# which would otherwise break the graph), with autograd registered beside it. Eager calls take
+# an autograd.Function around the same implementation.
+
+
+def _forward_impl(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, scale_mode: str) -> torch.Tensor:
+    """out[g] = q_K(A[g]) @ q_K(B[e]): blocks along K."""
+    A_q = mx_fake_quantize(A, dim=-1, scale_mode=scale_mode)
+    B_q = mx_fake_quantize(B, dim=1, scale_mode=scale_mode)
+    return grouped_mm_highprec(A_q, B_q, offs, out_dtype)
 
 
 @torch.library.custom_op("mxfp8_compat::reference_mxfp8_forward", mutates_args=())
 def _reference_forward(
     A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, scale_mode: str, wgrad_with_hp: bool
 ) -> torch.Tensor:
-    """out[g] = q_K(A[g]) @ q_K(B[e]): blocks along K."""
-    A_q = mx_fake_quantize(A, dim=-1, scale_mode=scale_mode)
-    B_q = mx_fake_quantize(B, dim=1, scale_mode=scale_mode)
-    return grouped_mm_highprec(A_q, B_q, offs, out_dtype)
+    """:func:`_forward_impl` as an op torch.compile keeps opaque."""
+    return _forward_impl(A, B, offs, out_dtype, scale_mode)
 
 
 @_reference_forward.register_fake
@@ -85,8 +91,7 @@ def _(A, B, offs, out_dtype, scale_mode, wgrad_with_hp):  # type: ignore[no-unty
     return A.new_empty((A.shape[0], B.shape[2]), dtype=out_dtype)
 
 
-@torch.library.custom_op("mxfp8_compat::reference_mxfp8_backward", mutates_args=())
-def _reference_backward(
+def _backward_impl(
     grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, scale_mode: str, wgrad_with_hp: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dA[g] = q_N(dY[g]) @ q_N(B[e])^T (blocks along N); dB[e] = q_M(A[g])^T @ q_M(dY[g]) (blocks
@@ -101,6 +106,14 @@ def _reference_backward(
         A_w = mx_fake_quantize_grouped_rows(A, offs, scale_mode)
         grad_w = mx_fake_quantize_grouped_rows(grad_out, offs, scale_mode)
     return zero_unused_grads(grad_A, wgrad_gemm(A_w, grad_w, offs, B.shape[0], B.dtype), offs)
+
+
+@torch.library.custom_op("mxfp8_compat::reference_mxfp8_backward", mutates_args=())
+def _reference_backward(
+    grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, scale_mode: str, wgrad_with_hp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_backward_impl` as an op torch.compile keeps opaque."""
+    return _backward_impl(grad_out, A, B, offs, scale_mode, wgrad_with_hp)
 
 
 @_reference_backward.register_fake
@@ -172,6 +185,28 @@ def _reference_autograd(ctx, grad_out):  # type: ignore[no-untyped-def]
 _reference_forward.register_autograd(_reference_autograd, setup_context=_reference_setup)
 
 
+class _ReferenceMXFP8(torch.autograd.Function):
+    """The same forward and backward for eager calls, without a custom op's dispatch.
+
+    A custom op's first call imports torch._dynamo (and triton); an eager path must not. The
+    separate ``setup_context`` is what ``torch.func`` transforms need.
+    """
+
+    @staticmethod
+    def forward(A, B, offs, out_dtype, scale_mode, wgrad_with_hp):  # type: ignore[no-untyped-def, override]
+        return _forward_impl(A, B, offs, out_dtype, scale_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+        _reference_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
+        A, B, offs = ctx.saved_tensors
+        grad_A, grad_B = _backward_impl(grad_out.contiguous(), A, B, offs, ctx.scale_mode, ctx.wgrad_with_hp)
+        return grad_A, grad_B, None, None, None, None
+
+
 def mxfp8_grouped_mm_reference(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -187,4 +222,7 @@ def mxfp8_grouped_mm_reference(
     unspecified, their input gradient zero). K and N must be multiples of 32; group sizes may
     be anything (short blocks at group ends). No input validation: callers validate.
     """
-    return _reference_forward(A, B, offs, out_dtype, ScaleMode(scale_mode).value, wgrad_with_hp)
+    mode = ScaleMode(scale_mode).value
+    if torch.compiler.is_compiling():
+        return _reference_forward(A, B, offs, out_dtype, mode, wgrad_with_hp)
+    return _ReferenceMXFP8.apply(A, B, offs, out_dtype, mode, wgrad_with_hp)

@@ -30,7 +30,7 @@ from .backends import GroupedMM, log_once, make_bf16, make_mxfp8, reference_call
 from .errors import MXFP8Unavailable
 from .fast_emulation import fast_call, fast_emulation_problem
 from .generations import Generation
-from .isolation import ISOLATE_ENV_VAR, isolated_problem
+from .isolation import ISOLATE_ENV_VAR, forget_session_verdicts, isolated_problem, isolation_requested
 from .highprec import grouped_mm_support
 from .quantize import DEFAULT_SCALE_MODE, ScaleMode
 
@@ -145,6 +145,7 @@ def reset() -> None:
         _environment_snapshot = None
     clear_log_once()
     forget_warning()
+    forget_session_verdicts()
     probes.clear_caches()
 
 
@@ -174,7 +175,8 @@ def resolve(
             one bf16 GEMM in backward.
         isolate: import torchao and run the smoke runs in a subprocess first (a torch/torchao
             build mismatch can abort the interpreter); the verdict is cached on disk. None
-            reads ``MXFP8_COMPAT_ISOLATE`` ("1" enables), likewise.
+            reads ``MXFP8_COMPAT_ISOLATE`` (1/true/yes/on enable, 0/false/no/off or unset
+            do not, any case; anything else raises ValueError), likewise.
         provider: the native MXFP8 kernel's provider in modes "auto" and "native": "torchao"
             (its native path) or "torch" (torch's own grouped GEMM, mxfp8_compat's quantisers).
             None reads ``MXFP8_COMPAT_PROVIDER``, else takes torchao's when it passes its probes,
@@ -242,7 +244,7 @@ def _resolve_slow(
         source = "mode"
     normal_mode = normalise_mode(mode, source)
     normal_device = normalise_device(device)
-    normal_isolate = environment[ISOLATE_ENV_VAR] == "1" if isolate is None else bool(isolate)
+    normal_isolate = isolation_requested(environment[ISOLATE_ENV_VAR]) if isolate is None else bool(isolate)
     if provider is None:
         normal_provider = normalise_provider(environment[PROVIDER_ENV_VAR] or None, PROVIDER_ENV_VAR)
     else:
@@ -356,14 +358,14 @@ class _Context:
     bf16_reasons: tuple[str, ...] = ()
 
 
-def _probe_torchao(ctx: _Context) -> None:
+def _probe_torchao(ctx: _Context, mode: Mode) -> None:
     ctx.torchao_version = probes.installed_torchao_version()
     if ctx.torchao_version is None:
         ctx.torchao_reasons = ("torchao is not installed",)
         return
     problem = None
-    if ctx.isolate and "torchao.prototype.moe_training" not in sys.modules:
-        problem = isolated_problem(ctx.torchao_version, ctx.device)  # a crash must not reach this process
+    if ctx.isolate:  # a crash in the import or in this mode's smoke runs must not reach this process
+        problem = isolated_problem(ctx.torchao_version, ctx.device, mode)
     problem = problem or probes.import_problem()
     if problem is not None:
         ctx.torchao_reasons = (f"torchao {ctx.torchao_version} is installed but unusable: {problem}",)
@@ -402,7 +404,7 @@ def _resolve_uncached(
     elif provider == "torch" and mode != "emulated":
         ctx.torchao_version = probes.installed_torchao_version()  # reported, never imported
     else:
-        _probe_torchao(ctx)
+        _probe_torchao(ctx, mode)
     if mode == "emulated":
         return _resolve_emulated(ctx)
     native: Union[Resolution, tuple[str, ...]] = ruled_out or ()
