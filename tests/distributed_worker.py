@@ -470,9 +470,9 @@ def scenario_isolation(ctx: Context, mode: str) -> Checks:
         smoke_runs.append(getattr(fn, "__name__", "?"))
         return real_smoke(fn, device, **verdict_args)
 
-    def counting_child(device: Any) -> Any:
+    def counting_child(*args: Any) -> Any:
         children.append(1)
-        return real_child(device)
+        return real_child(*args)
 
     probes.smoke_run = counting_smoke
     isolation._run_child = counting_child
@@ -516,7 +516,7 @@ def scenario_isolation(ctx: Context, mode: str) -> Checks:
     bad = []
     dist.barrier()
     for i in range(200):
-        isolation._write_verdict(path, f"rank {ctx.rank} write {i} " + "x" * (i % 7) * 50, None, "0.18.0")
+        isolation._write_verdict(path, f"rank {ctx.rank} write {i} " + "x" * (i % 7) * 50, {"import": None}, "0.18.0")
         try:
             json.loads(path.read_text())
         except (ValueError, OSError) as error:
