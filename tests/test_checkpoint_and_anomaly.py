@@ -115,3 +115,41 @@ def test_anomaly_mode_through_torchaos_emulation():
     assert torch.isfinite(with_anomaly[1]).all() and with_anomaly[1][80:].count_nonzero() == 0
     for x, y in zip(with_anomaly, without):
         assert torch.equal(x, y)
+
+
+# --- double backward: right (bf16) or a clear error naming the backend (every MXFP8 path) ----------
+
+
+def _second_order(fn, p):
+    A = p.A.detach().clone().requires_grad_(True)
+    B = p.B.detach().clone().requires_grad_(True)
+    out = fn(A, B, p.offs)
+    (grad_A,) = torch.autograd.grad(out.float().mul(p.grad_out.float()).sum(), A, create_graph=True)
+    grad_A.float().pow(2).sum().backward()
+    return B.grad
+
+
+def test_double_backward_in_bf16_is_torchs():
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
+    fn = resolve("off", device="cpu")
+    if fn.backend != "bf16" or not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no bf16 grouped GEMM here")
+    try:
+        expected = _second_order(lambda A, B, offs: torch._grouped_mm(A, B, offs=offs), p)
+    except RuntimeError as error:
+        pytest.skip(f"torch {torch.__version__} has no double backward for torch._grouped_mm here: {error}")
+    assert torch.equal(_second_order(fn, p), expected)
+
+
+@pytest.mark.parametrize("mode", ["emulated", "native"])
+def test_double_backward_through_mxfp8_is_a_clear_error(mode):
+    """Before: the reference returned a second-order gradient without its weight term (silently wrong),
+    torchao 0.16 NaN and 0.18 one 6.6 dB from torch's."""
+    try:
+        fn = resolve(mode, device="cpu")
+    except mxfp8_compat.MXFP8Unavailable:
+        pytest.skip(f"no {mode} MXFP8 path here")
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
+    with pytest.raises(RuntimeError, match=r"double backward .* is not supported") as raised:
+        _second_order(fn, p)
+    assert "MXFP8" in str(raised.value)

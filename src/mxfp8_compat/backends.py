@@ -11,7 +11,7 @@ multiples of the backend's ``group_alignment`` (so nothing is padded).
 from __future__ import annotations
 
 import logging
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -368,7 +368,46 @@ def make_mxfp8(
         return out if callee_dtype is out_dtype else out.to(out_dtype)
 
     mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
-    return dtensor_aware(mxfp8_grouped_mm)
+    first_order_only = _first_order_only(label)
+
+    def mxfp8_grouped_mm_first_order(
+        A: torch.Tensor,
+        B: torch.Tensor,
+        offs: torch.Tensor,
+        *,
+        out_dtype: Optional[torch.dtype] = None,
+        bias: Optional[torch.Tensor] = None,
+        groups_aligned: bool = False,
+    ) -> torch.Tensor:
+        out = mxfp8_grouped_mm(A, B, offs, out_dtype=out_dtype, bias=bias, groups_aligned=groups_aligned)
+        if out.requires_grad and not _compiling():
+            out.register_hook(first_order_only)
+        return out
+
+    mxfp8_grouped_mm_first_order.__qualname__ = mxfp8_grouped_mm_first_order.__name__ = mxfp8_grouped_mm.__name__
+    return dtensor_aware(mxfp8_grouped_mm_first_order)
+
+
+def _first_order_only(label: str) -> Callable[[torch.Tensor], None]:
+    """A gradient hook that refuses double backward through an MXFP8 backend, naming it.
+
+    Every MXFP8 backward (torchao's, the reference's, the fast emulation's, torch's own kernel's)
+    is quantised numerics with no derivative of its own: a second backward through it would be
+    silently wrong (a gradient penalty losing its weight term) or fail inside torch. The engine
+    runs hooks with grad mode on exactly when ``create_graph=True``.
+    """
+
+    def refuse_double_backward(grad: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{label}: double backward (create_graph=True, e.g. a gradient penalty) is not supported: "
+                "the MXFP8 backward has no derivative of its own; resolve('off') (bf16, differentiable twice) "
+                "serves such a loss"
+            )
+
+    return refuse_double_backward
+
+
 
 
 def reference_call(scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMMCall:
