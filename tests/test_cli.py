@@ -120,3 +120,23 @@ def test_a_usage_error_exits_2_before_torch(capsys):
         main(["--mode", "fast"])
     assert info.value.code == 2
     assert "--mode" in capsys.readouterr().err
+
+
+def test_the_report_survives_a_torchao_that_aborts_at_import(tmp_path):
+    """Before: `python -m mxfp8_compat` died silently (exit -6, no output), the one tool meant to explain it."""
+    import os
+
+    import fakes
+
+    root = fakes.write_fake_torchao(tmp_path / "site", "0.18.0", fakes.import_raising("import os; os.abort()"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")])),
+               MXFP8_COMPAT_CACHE_DIR=str(tmp_path / "verdicts"))
+    result = subprocess.run(
+        [sys.executable, "-m", "mxfp8_compat", "--json", "--device", "cpu", "--mode", "emulated"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode in (0, 1), (result.returncode, result.stderr[-2000:])
+    report = json.loads(result.stdout)
+    reasons = " ".join(report["modes"]["emulated"]["reasons"])
+    assert "killed the isolated probe process" in reasons, reasons
+    assert report["modes"]["emulated"]["ok"] and report["modes"]["emulated"]["emulation"] != "torchao"

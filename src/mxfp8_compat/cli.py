@@ -28,9 +28,10 @@ to, the smoke run's SQNR in dB and every reason a faster path was not taken.
 exit status: 0 when --mode resolves here, 1 when it does not, 2 for a usage error. A CI can
 gate on it: %(prog)s --mode native || echo "no native MXFP8 here"
 
-environment: MXFP8_COMPAT_ISOLATE=1 probes torchao in a subprocess first (a torchao that
-crashes at import cannot take this process down); MXFP8_COMPAT_CACHE_DIR is where those
-verdicts are cached. Same report: python -m mxfp8_compat, or the console script mxfp8-compat.
+isolation: the report imports torchao and runs its smoke runs in a child process first (a
+torchao that aborts at import is reported, not fatal); --no-isolate skips that.
+MXFP8_COMPAT_ISOLATE=1 does the same for resolve() in your own programs; MXFP8_COMPAT_CACHE_DIR
+is where those verdicts are cached. Same report: python -m mxfp8_compat, or the console script mxfp8-compat.
 """
 
 
@@ -107,6 +108,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object (the same fields) instead of text")
     parser.add_argument("--validate", action="store_true",
                         help="resolve with validate=True: the callables also check offs' values (a device sync on a GPU)")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="import torchao in this process (default: first in a child process, so that a torchao "
+                             "that aborts at import is reported, not fatal)")
     return parser
 
 
@@ -120,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None, 
     logging.getLogger("mxfp8_compat").addHandler(logging.NullHandler())
     logging.getLogger("mxfp8_compat").propagate = False
     try:
-        report = environment_report(args.device, validate=args.validate)
+        report = environment_report(args.device, validate=args.validate, isolate=args.isolate)
     except ValueError as error:
         parser.error(str(error))
     report["requested_mode"] = args.mode

@@ -23,9 +23,11 @@ def _torchao_location() -> Optional[str]:
     return getattr(module, "__file__", None) if module is not None else None
 
 
-def _mode_entry(mode: str, device: torch.device, validate: bool, provider: Optional[str] = None) -> dict[str, Any]:
+def _mode_entry(
+    mode: str, device: torch.device, validate: bool, provider: Optional[str] = None, isolate: Optional[bool] = None
+) -> dict[str, Any]:
     try:
-        resolution: Resolution = resolve(mode, device=device, validate=validate, provider=provider)
+        resolution: Resolution = resolve(mode, device=device, validate=validate, provider=provider, isolate=isolate)
     except MXFP8Unavailable as error:
         return {"ok": False, "backend": None, "generation": None, "emulation": None,
                 "reasons": list(error.reasons), "smoke_sqnr_db": None, "provider": None}
@@ -40,8 +42,13 @@ def _mode_entry(mode: str, device: torch.device, validate: bool, provider: Optio
     }
 
 
-def environment_report(device: Union[str, torch.device, None] = None, validate: bool = False) -> dict[str, Any]:
+def environment_report(
+    device: Union[str, torch.device, None] = None, validate: bool = False, isolate: Optional[bool] = None
+) -> dict[str, Any]:
     """Resolve every mode on ``device`` and describe the environment.
+
+    ``isolate`` is resolve()'s (None: ``MXFP8_COMPAT_ISOLATE``); the CLI passes True, so that
+    the one tool meant to explain a crashing torchao survives it.
 
     Keys: ``python``, ``platform``, ``torch_version``, ``torchao_version``,
     ``torchao_location``, ``device``, ``device_name``, ``capability``, ``generation``
@@ -50,8 +57,10 @@ def environment_report(device: Union[str, torch.device, None] = None, validate: 
     mapping each native MXFP8 provider ("torchao", "torch") to its ``native`` verdict, same keys.
     """
     resolved_device = normalise_device(device)
-    modes = {mode: _mode_entry(mode, resolved_device, validate) for mode in MODES}
-    providers = {name: _mode_entry("native", resolved_device, validate, provider=name) for name in PROVIDERS}
+    modes = {mode: _mode_entry(mode, resolved_device, validate, isolate=isolate) for mode in MODES}
+    providers = {
+        name: _mode_entry("native", resolved_device, validate, provider=name, isolate=isolate) for name in PROVIDERS
+    }
     torchao_version = probes.installed_torchao_version()
     match = probes.match_generation(torchao_version) if torchao_version and "torchao.prototype.moe_training" in sys.modules else None
     capability = probes.device_capability(resolved_device)
