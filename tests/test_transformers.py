@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import mxfp8_compat
+from mxfp8_compat.integrations import _resolving as resolving
 from mxfp8_compat.integrations import transformers as hf
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -339,7 +340,7 @@ def test_padded_layout_ignores_unspecified_rows(
     ids = tokens()
     logits, loss, grads = step(model, "grouped_mm", ids)
     real = mxfp8_compat.resolve("off", device="cpu")
-    monkeypatch.setattr(hf, "resolve", lambda mode, device: poisoned(real, alignment))
+    monkeypatch.setattr(resolving, "resolve", lambda mode, device: poisoned(real, alignment))
     got_logits, got_loss, got_grads = step(model, OFF, ids)
     assert torch.isfinite(got_logits).all() and all(torch.isfinite(g).all() for g in got_grads.values())
     # Padding rows are zeros: every row's product, and every sum over a group's rows, is unchanged
@@ -478,7 +479,7 @@ def test_weights_are_passed_as_views(
         seen.append(B)
         return resolution.fn(A, B, offs, **kwargs)
 
-    monkeypatch.setattr(hf, "resolve", lambda mode, device: dataclasses.replace(resolution, fn=spy))
+    monkeypatch.setattr(resolving, "resolve", lambda mode, device: dataclasses.replace(resolution, fn=spy))
     model.set_experts_implementation(implementation)
     ids = tokens()
     with CopyCounter(set(weights)) as forward:
