@@ -365,27 +365,13 @@ def make_mxfp8(
             out = call(A.contiguous(), B_t, offs, callee_dtype)
             if contiguous_grad and out.requires_grad:
                 out = with_contiguous_grad(out)
-        return out if callee_dtype is out_dtype else out.to(out_dtype)
-
-    mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
-    first_order_only = _first_order_only(label)
-
-    def mxfp8_grouped_mm_first_order(
-        A: torch.Tensor,
-        B: torch.Tensor,
-        offs: torch.Tensor,
-        *,
-        out_dtype: Optional[torch.dtype] = None,
-        bias: Optional[torch.Tensor] = None,
-        groups_aligned: bool = False,
-    ) -> torch.Tensor:
-        out = mxfp8_grouped_mm(A, B, offs, out_dtype=out_dtype, bias=bias, groups_aligned=groups_aligned)
         if out.requires_grad and not _compiling():
             out.register_hook(first_order_only)
-        return out
+        return out if callee_dtype is out_dtype else out.to(out_dtype)
 
-    mxfp8_grouped_mm_first_order.__qualname__ = mxfp8_grouped_mm_first_order.__name__ = mxfp8_grouped_mm.__name__
-    return dtensor_aware(mxfp8_grouped_mm_first_order)
+    first_order_only = _first_order_only(label)
+    mxfp8_grouped_mm.__qualname__ = mxfp8_grouped_mm.__name__ = f"mxfp8_grouped_mm[{label}]"
+    return dtensor_aware(mxfp8_grouped_mm)
 
 
 def _first_order_only(label: str) -> Callable[[torch.Tensor], None]:
