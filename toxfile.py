@@ -14,7 +14,7 @@ import sys
 
 from tox.plugin import impl
 
-SOURCE_ENV_VAR = "MXFP8_COMPAT_TORCHAO_SRC"  # src/mxfp8_compat/matrix_totals.py GATED_ENVS; a test keeps them equal
+SOURCE_ENV_VAR = "MXFP8_COMPAT_TORCHAO_SRC"  # tools/mxfp8_compat_dev/matrix_totals.py GATED_ENVS; a test keeps them equal
 GATED_ENV = "main"
 
 

@@ -35,8 +35,8 @@ from typing import Callable, Optional
 
 import torch
 
-from mxfp8_compat import fast_emulation as fast
-from mxfp8_compat import reference as ref
+from mxfp8_compat.backends import fast_emulation as fast
+from mxfp8_compat.numerics import reference
 from mxfp8_compat.layout import weight_relayout
 
 SHAPES = [(8, 16384, 7168, 2048), (16, 32768, 4096, 1536), (64, 65536, 2048, 768), (8, 4096, 2048, 1024)]
@@ -80,9 +80,9 @@ def variants(with_reference: bool) -> dict[str, Callable]:
     }
     ao = torchao_emulated()
     if ao is not None:
-        out[f"torchao"] = ao[1]
+        out["torchao"] = ao[1]
     if with_reference:
-        out["reference"] = lambda A, B, offs: ref.mxfp8_grouped_mm_reference(A, B, offs, torch.bfloat16, "rceil", True)
+        out["reference"] = lambda A, B, offs: reference.mxfp8_grouped_mm_reference(A, B, offs, torch.bfloat16, "rceil", True)
     return out
 
 
@@ -151,8 +151,8 @@ def check_bitwise(shape, device: str) -> dict[str, bool]:
     A, B, offs, grad = make_inputs(*shape, device)
     got = fwd_bwd(lambda *a: fast.fast_mxfp8_grouped_mm(*a, torch.bfloat16, "rceil", True), A, B, offs, grad)
     out_fast = fast.fast_mxfp8_grouped_mm(A.detach(), B.detach(), offs, torch.bfloat16, "rceil", True)
-    want = fwd_bwd(lambda *a: ref.mxfp8_grouped_mm_reference(*a, torch.bfloat16, "rceil", True), A, B, offs, grad)
-    out_ref = ref.mxfp8_grouped_mm_reference(A.detach(), B.detach(), offs, torch.bfloat16, "rceil", True)
+    want = fwd_bwd(lambda *a: reference.mxfp8_grouped_mm_reference(*a, torch.bfloat16, "rceil", True), A, B, offs, grad)
+    out_ref = reference.mxfp8_grouped_mm_reference(A.detach(), B.detach(), offs, torch.bfloat16, "rceil", True)
 
     def same(a, b):
         return bool(torch.equal(a.view(torch.int16), b.view(torch.int16)))

@@ -22,7 +22,7 @@ FSDP2's own copy ops...): in total, and from tensors shaped like an unsharded ex
 all-gather copies are the same for every variant, so ``total - raw's total`` is what the shim adds.
 For ``emulated`` the weight-shaped copies include the backward's working copy of B for quantising it
 along N (MXFP8 numerics need B read in the other order there; torchao's emulation does the same), not
-a relayout: tests/distributed_worker.py counts the shim's relayouts under FSDP2 separately (zero).
+a relayout: tests/support/distributed_worker.py counts the shim's relayouts under FSDP2 separately (zero).
 The first step's loss of ``raw`` and ``off`` must be bitwise equal (same kernels, same inputs).
 Nothing is asserted beyond that; rank 0 prints the table.
 """

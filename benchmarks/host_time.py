@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from mxfp8_compat import resolve
-from mxfp8_compat import fast_emulation as fast
+from mxfp8_compat.backends import fast_emulation as fast
 from mxfp8_compat.layout import weight_relayout
 
 

@@ -65,17 +65,17 @@ def raw_call(res: mxfp8_compat.Resolution) -> Callable:
     if res.backend == "bf16":
         return lambda A, B, offs: torch._grouped_mm(A, B, offs=offs)
     if res.emulation == "fast":  # the fast emulation itself, without the shim around it
-        from mxfp8_compat.fast_emulation import fast_mxfp8_grouped_mm
+        from mxfp8_compat.backends.fast_emulation import fast_mxfp8_grouped_mm
 
         return lambda A, B, offs: fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, wgrad_with_hp=True)
     if res.emulation == "reference" or res.generation is None:
-        from mxfp8_compat.reference import mxfp8_grouped_mm_reference
+        from mxfp8_compat.numerics.reference import mxfp8_grouped_mm_reference
 
-        mode = res.generation.scale_mode if res.generation else mxfp8_compat.reference.DEFAULT_SCALE_MODE
+        mode = res.generation.scale_mode if res.generation else mxfp8_compat.numerics.quantize.DEFAULT_SCALE_MODE
         return lambda A, B, offs: mxfp8_grouped_mm_reference(A, B, offs, torch.bfloat16, mode, True)
-    from mxfp8_compat import generations, probes
+    from mxfp8_compat.providers import match as matching, torchao as generations
 
-    bound = probes.match_generation(res.torchao_version).bound
+    bound = matching.match_generation(res.torchao_version).bound
     if res.generation.bind is generations.bind_kernel_preference:  # torchao 0.16+: call the entry itself
         entry, emulated, rceil = bound.entry, generations._kernel_preference("emulated"), generations._rceil()
         return lambda A, B, offs: entry(
@@ -174,12 +174,14 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-from mxfp8_compat import probes, resolve
+from mxfp8_compat import resolve
+from mxfp8_compat.probes import smoke
+from mxfp8_compat.providers import match as matching
 smoke = []
-real = probes.smoke_run
+real = smoke.smoke_run
 def timed(*a, **k):
     s = time.perf_counter(); r = real(*a, **k); smoke.append(time.perf_counter() - s); return r
-probes.smoke_run = timed
+smoke.smoke_run = timed
 t2 = time.perf_counter()
 res = resolve(sys.argv[1], device=sys.argv[2])
 t3 = time.perf_counter()
@@ -216,7 +218,7 @@ def main() -> None:
     shapes_name = args.shapes or ("tiny" if args.device == "cpu" else "all")
     shapes = {"tiny": TINY, "moe": MOE, "all": TINY + MOE}[shapes_name]
     torch.manual_seed(0)
-    print(f"# torch {torch.__version__}, torchao {mxfp8_compat.probes.installed_torchao_version()}, device {args.device}"
+    print(f"# torch {torch.__version__}, torchao {mxfp8_compat.probes.environment.installed_torchao_version()}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
           + f", {time.strftime('%Y-%m-%d')}, median of {args.rounds} interleaved rounds", flush=True)
     modes = args.modes.split(",")

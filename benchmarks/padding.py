@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from mxfp8_compat.backends import make_mxfp8
+from mxfp8_compat.backends.grouped_mm import make_mxfp8
 from mxfp8_compat.token_groups import pad_with, token_group_padding, unpad_token_groups
 
 MOE = [

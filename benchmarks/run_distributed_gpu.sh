@@ -4,7 +4,7 @@
 #   bash benchmarks/run_distributed_gpu.sh              # 2 GPUs; writes into $OUT if set, else benchmarks/results
 #   DEVICE=cpu bash benchmarks/run_distributed_gpu.sh   # the same commands with gloo on the CPU (tiny preset)
 #
-# Needs torch with CUDA and NCCL; pytest is used where installed, else tests/distributed_launch.py runs the
+# Needs torch with CUDA and NCCL; pytest is used where installed, else tests/support/distributed_launch.py runs the
 # same scenarios. mxfp8_compat comes from ./src (no install needed). Exit status: the suite's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ echo "== distributed suite (MXFP8_COMPAT_DIST_BACKEND=$MXFP8_COMPAT_DIST_BACKEND
 if "$python" -c "import pytest" 2>/dev/null; then
     "$python" -m pytest tests/test_distributed.py -q -rA -p no:cacheprovider 2>&1 | tee -a "$out/distributed-$tag.txt"
 else
-    "$python" tests/distributed_launch.py 2>&1 | tee -a "$out/distributed-$tag.txt"
+    "$python" tests/support/distributed_launch.py 2>&1 | tee -a "$out/distributed-$tag.txt"
 fi
 suite=${PIPESTATUS[0]}
 

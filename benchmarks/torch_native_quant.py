@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from mxfp8_compat import torch_native as tn
+from mxfp8_compat.backends import torch_native as tn
 from mxfp8_compat.token_groups import gather_rows, pad_with, token_group_padding
 
 MOE = [

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import mxfp8_compat
-from mxfp8_compat import probes
+from mxfp8_compat.probes import environment
 
-sys.path.insert(0, str(Path(__file__).parent))
+# The tests' support modules (tests/support) and the dev-only tooling (tools/mxfp8_compat_dev), neither shipped.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import fakes  # noqa: E402
 
 
@@ -33,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``torchao`` exercise the installed torchao: skipped where there is none."""
-    if probes.installed_torchao_version() is not None:
+    if environment.installed_torchao_version() is not None:
         return
     skip = pytest.mark.skip(reason="needs a real torchao install; none in this environment")
     for item in items:
@@ -54,7 +56,7 @@ def fresh_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture
 def no_torchao(monkeypatch: pytest.MonkeyPatch) -> None:
     """Behave as if torchao were not installed (the probe reads its metadata first)."""
-    monkeypatch.setattr(probes, "installed_torchao_version", lambda: None)
+    monkeypatch.setattr(environment, "installed_torchao_version", lambda: None)
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def native_capable_device(monkeypatch: pytest.MonkeyPatch) -> None:
     On a CPU it otherwise decides from the device alone, without importing torchao: tests of
     what the torchao probes find (faults, rows) need them to run.
     """
-    monkeypatch.setattr(probes, "native_device_problem", lambda device: None)
+    monkeypatch.setattr(environment, "native_device_problem", lambda device: None)
 
 
 @dataclass
@@ -126,14 +128,14 @@ def make_problem(
 
 def float64_reference(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output and gradients of the grouped GEMM in float64."""
-    from mxfp8_compat.metrics import float64_forward_backward
+    from mxfp8_compat.numerics.metrics import float64_forward_backward
 
     return float64_forward_backward(problem.A, problem.B, problem.offs, problem.grad_out)
 
 
 def run_with_grads(fn, problem: Problem, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``fn(A, B, offs)`` forward and backward on fresh leaves; return out, dA, dB."""
-    from mxfp8_compat.metrics import forward_backward
+    from mxfp8_compat.numerics.metrics import forward_backward
 
     return forward_backward(fn, problem.A, problem.B, problem.offs, problem.grad_out, **kwargs)
 
@@ -143,7 +145,7 @@ def torch_grouped_mm(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor) -> to
 
     torch 2.8 has no CPU kernel (its emulation tests run on the reference there).
     """
-    from mxfp8_compat.reference import grouped_mm_support
+    from mxfp8_compat.numerics.highprec import grouped_mm_support
 
     if not grouped_mm_support(A.device.type, A.dtype)[0]:
         pytest.skip(f"torch {torch.__version__} has no {A.device.type} kernel for torch._grouped_mm ({A.dtype})")
@@ -151,7 +153,7 @@ def torch_grouped_mm(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor) -> to
 
 
 needs_grouped_mm_on_cpu = pytest.mark.skipif(
-    not __import__("mxfp8_compat.reference", fromlist=["grouped_mm_support"]).grouped_mm_support("cpu", torch.bfloat16)[0],
+    not __import__("mxfp8_compat.numerics.highprec", fromlist=["grouped_mm_support"]).grouped_mm_support("cpu", torch.bfloat16)[0],
     reason=f"torch {torch.__version__} has no CPU kernel for torch._grouped_mm",
 )
 

@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from mxfp8_compat.agreement import max_ulp_diff, reference_agreement
+from mxfp8_compat_dev.agreement import max_ulp_diff, reference_agreement
 
 TENSORS = ("output", "grad_A", "grad_B")
 
@@ -173,7 +173,7 @@ def test_the_order_bound_rejects_more_than_reordering():
     Reordering L float32 additions moves each result by at most 2 * L * 2**-24 * sum|a_i b_i|
     (twice the recursive-summation bound), plus one bf16 ulp from rounding each result once.
     """
-    from mxfp8_compat.agreement import _order_bound
+    from mxfp8_compat_dev.agreement import _order_bound
 
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(64, 256, generator=generator).bfloat16().float()
@@ -191,7 +191,7 @@ def test_the_order_bound_rejects_more_than_reordering():
 
 def test_mismatched_scale_rule_is_detected():
     """Sanity: the comparison is sharp - the other scale rule changes whole blocks."""
-    from mxfp8_compat.reference import mx_fake_quantize
+    from mxfp8_compat.numerics.quantize import mx_fake_quantize
 
     x = torch.tensor([[300.0] + [1.0] * 31], dtype=torch.bfloat16)  # amax 300: FLOOR 2**0, RCEIL 2**0
     y = torch.tensor([[500.0] + [1.0] * 31], dtype=torch.bfloat16)  # amax 500: FLOOR 2**0 (saturates), RCEIL 2**1

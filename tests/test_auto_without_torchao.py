@@ -16,8 +16,9 @@ import torch
 
 import fakes
 from conftest import make_problem
-from mxfp8_compat import probes, resolve
-from mxfp8_compat.highprec import grouped_mm_support
+from mxfp8_compat import resolve
+from mxfp8_compat.probes import environment
+from mxfp8_compat.numerics.highprec import grouped_mm_support
 
 # A torchao whose import would be seen: it raises, and the reason would name it.
 _LOUD_IMPORT = fakes.import_raising("raise RuntimeError('torchao was imported')")
@@ -29,7 +30,7 @@ def _torchao_imported() -> bool:
 
 def _faked_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(probes, "device_capability", lambda device: capability)
+    monkeypatch.setattr(environment, "device_capability", lambda device: capability)
 
 
 def test_auto_on_cpu_does_not_import_torchao_and_says_why(fake_torchao):

@@ -14,7 +14,6 @@ or through ``safe_import``, so on a CPU those imports are never made.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -31,7 +30,7 @@ from nemo_automodel.components.moe.layers import MoE  # noqa: E402
 
 import mxfp8_compat  # noqa: E402
 from mxfp8_compat.integrations import automodel  # noqa: E402
-from mxfp8_compat.metrics import sqnr_db  # noqa: E402
+from mxfp8_compat.numerics.metrics import sqnr_db  # noqa: E402
 
 SHIPPED = automodel_experts.select_grouped_mm
 

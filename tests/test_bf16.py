@@ -7,7 +7,7 @@ import torch
 
 from conftest import float64_reference, make_problem, run_with_grads
 from mxfp8_compat import resolve, sqnr_db
-from mxfp8_compat.reference import grouped_mm_support
+from mxfp8_compat.numerics.highprec import grouped_mm_support
 
 needs_cpu_grouped_mm = pytest.mark.skipif(
     not grouped_mm_support("cpu", torch.bfloat16)[0],

@@ -61,7 +61,7 @@ def test_mode_lines_keep_their_columns(no_torchao, colour):
     import re
 
     from mxfp8_compat.cli import format_report
-    from mxfp8_compat.report import environment_report
+    from mxfp8_compat.cli import environment_report
 
     report = environment_report("cpu")
     report["modes"]["emulated"]["emulation"] = "reference"  # the longest label there is

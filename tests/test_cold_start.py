@@ -2,7 +2,7 @@
 
 benchmarks/cold_start.py times it; here a fresh interpreter checks what the first
 ``resolve("auto")`` on the CPU leaves imported. torch._dynamo (pulled in by
-``mxfp8_compat.torch_native``'s ``torch.compiler.disable``) costs seconds of a cold start and is
+``mxfp8_compat.backends.torch_native``'s ``torch.compiler.disable``) costs seconds of a cold start and is
 imported only where torch's own MXFP8 kernel may run, or by the caller.
 """
 
@@ -33,5 +33,5 @@ def test_auto_on_the_cpu_imports_neither_dynamo_nor_torch_native():
     assert report["backend"] == "bf16" and report["reasons"], report
     new = report["new"]
     assert "mxfp8_compat.resolution" in new, "the child imported mxfp8_compat"
-    for module in ("torch._dynamo", "mxfp8_compat.torch_native", "torchao", "triton"):
+    for module in ("torch._dynamo", "mxfp8_compat.backends.torch_native", "torchao", "triton"):
         assert module not in new, f"{module} imported by resolve('auto') on the CPU"

@@ -22,7 +22,7 @@ import torch
 
 from conftest import float64_reference, make_problem, run_with_grads
 from mxfp8_compat import resolve, sqnr_db
-from mxfp8_compat.reference import grouped_mm_support
+from mxfp8_compat.numerics.highprec import grouped_mm_support
 
 import mxfp8_compat
 

@@ -15,7 +15,7 @@ import torch
 
 from conftest import make_problem, no_host_sync
 from mxfp8_compat import resolve
-from mxfp8_compat.reference import mxfp8_grouped_mm_reference
+from mxfp8_compat.numerics.reference import mxfp8_grouped_mm_reference
 from mxfp8_compat.token_groups import gather_rows
 
 pytestmark = [
@@ -54,8 +54,8 @@ def test_fast_emulation_is_bitwise_the_reference_around_2_31_elements(rows):
 @large
 def test_fast_emulation_grouped_rows_quantiser_past_2_31_elements():
     """The weight-gradient quantiser (wgrad_with_hp=False) over an activation of more than 2**31 elements."""
-    from mxfp8_compat.fast_emulation import fast_fake_quantize_grouped_rows
-    from mxfp8_compat.quantize import mx_fake_quantize_grouped_rows
+    from mxfp8_compat.backends.fast_emulation import fast_fake_quantize_grouped_rows
+    from mxfp8_compat.numerics.quantize import mx_fake_quantize_grouped_rows
 
     M, K = 2**18 + 77, 8192
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

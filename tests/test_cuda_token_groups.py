@@ -13,8 +13,8 @@ import torch
 
 from conftest import make_problem, no_host_sync, run_with_grads
 from mxfp8_compat import resolve, sqnr_db
-from mxfp8_compat.backends import make_mxfp8
-from mxfp8_compat.reference import mxfp8_grouped_mm_reference
+from mxfp8_compat.backends.grouped_mm import make_mxfp8
+from mxfp8_compat.numerics.reference import mxfp8_grouped_mm_reference
 
 pytestmark = [
     pytest.mark.cuda,

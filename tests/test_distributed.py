@@ -1,9 +1,9 @@
 """Multi-process tests: FSDP2, expert parallelism, DTensor arguments, isolation from several ranks.
 
-Each test starts 2 processes running ``tests/distributed_worker.py`` (gloo on the CPU by default;
+Each test starts 2 processes running ``tests/support/distributed_worker.py`` (gloo on the CPU by default;
 ``MXFP8_COMPAT_DIST_BACKEND=nccl`` runs them on ``cuda:0`` and ``cuda:1``), which rendezvous
 through a FileStore in a fresh temporary directory (no port to collide), run their scenarios
-and write one JSON report per rank (``tests/distributed_launch.py``). A launch that exceeds
+and write one JSON report per rank (``tests/support/distributed_launch.py``). A launch that exceeds
 ``MXFP8_COMPAT_DIST_TIMEOUT`` (420 s) is killed and fails. The worker compares every result with
 the same model in one process; its docstrings state what must be bitwise and what tolerance
 applies where. Here each comparison becomes an assertion.
@@ -140,7 +140,7 @@ def test_no_rank_outlives_an_interrupted_launch(tmp_path, how):
     import time
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent / "support"
     env = dict(os.environ, MXFP8_COMPAT_HANG_DIR=str(tmp_path))
     launcher = subprocess.Popen([sys.executable, "-c", _LAUNCH_AND_HANG, str(tmp_path / "run"), str(here)], env=env)
     pid_files = [tmp_path / f"pid{rank}" for rank in range(WORLD)]

@@ -18,7 +18,8 @@ import torch
 import fakes
 import mxfp8_compat
 from conftest import make_problem
-from mxfp8_compat import probes, select_grouped_mm
+from mxfp8_compat import select_grouped_mm
+from mxfp8_compat.probes import environment
 from mxfp8_compat.dropin import ACTIVE_MESSAGE, FALLBACK_MESSAGE
 
 # NeMo Automodel 0.7.0, nemo_automodel/components/moe/mxfp8.py: the seed's words, copied here so
@@ -114,7 +115,7 @@ def test_no_torchao_import_on_a_cpu_host(fake_torchao):
 def test_native_engaged_announces_once_with_the_seeds_text(fake_torchao, native_capable_device, monkeypatch):
     fake = fake_torchao("0.18.0", fakes.GEN_018)
     fake.impl.NATIVE_WORKS = True
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = select_grouped_mm(True)

@@ -1,6 +1,6 @@
 """The fake of the installed release's generation has that wheel's call and autograd shape.
 
-``tests/fakes.py`` models every generation so that the adapter logic runs in every env. A fake written
+``tests/support/fakes.py`` models every generation so that the adapter logic runs in every env. A fake written
 from one reading of a wheel can be wrong in exactly the way the code it tests is wrong (0.15's fake
 returned 8 gradients, as the shim assumed; the wheel returns 6). So, in each env with a real torchao,
 this compares the fake of that env's generation with the wheel, for every entry the fake defines:
@@ -23,9 +23,11 @@ from typing import Any, Optional
 import pytest
 
 import fakes
-from mxfp8_compat import GENERATIONS, probes
+from mxfp8_compat import GENERATIONS
+from mxfp8_compat.probes import environment
+from mxfp8_compat.providers import match as matching
 
-INSTALLED = probes.installed_torchao_version()
+INSTALLED = environment.installed_torchao_version()
 EXPECT_GENERATION = os.environ.get("MXFP8_COMPAT_EXPECT_GENERATION")
 
 pytestmark = pytest.mark.torchao  # skipped where no torchao is installed (conftest)
@@ -89,7 +91,7 @@ def autograd_shape(module: Any, entry_name: str) -> AutogradShape:
 def _key() -> str:
     if EXPECT_GENERATION:
         return EXPECT_GENERATION
-    match = probes.match_generation(INSTALLED)
+    match = matching.match_generation(INSTALLED)
     assert match.bound is not None, match.reasons
     return match.bound.generation.key
 
@@ -109,7 +111,7 @@ def wheel_shapes() -> tuple[str, str, list[str], dict[str, AutogradShape]]:
     entries = _entries(FAKES[key], module_name)
     assert row.entry_points[0][1] in entries, f"the fake of {key} lacks the entry its row binds"
     wheel_module = importlib.import_module(module_name)
-    assert probes.installed_torchao_version() == INSTALLED
+    assert environment.installed_torchao_version() == INSTALLED
     return key, module_name, entries, {name: autograd_shape(wheel_module, name) for name in entries}
 
 

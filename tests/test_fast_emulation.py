@@ -15,8 +15,8 @@ from typing import Callable
 import pytest
 import torch
 
-from mxfp8_compat import fast_emulation as fast
-from mxfp8_compat import reference as ref
+from mxfp8_compat.backends import fast_emulation as fast
+from mxfp8_compat.numerics import quantize, reference
 from mxfp8_compat.layout import weight_relayout
 
 triton = pytest.importorskip("triton", reason="the fast emulation's kernels need triton")
@@ -59,7 +59,6 @@ def adversarial(rows: int, cols: int, seed: int, device: str = "cpu") -> torch.T
     bits = torch.randint(-32768, 32768, (blocks, 32), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     out[kind == 1] = bits[kind == 1]
     pos = torch.randint(0, 32, (blocks,), generator=g)
-    rows_idx = torch.arange(blocks)
     edge = torch.tensor([446.0, 448.0, 450.0])[torch.randint(0, 3, (blocks,), generator=g)]
     small = (normal.abs().clamp(max=1.0) * 440.0 / 2).clamp(max=440.0)
     boundary = torch.where(kind == 2)[0]
@@ -110,7 +109,7 @@ def check_grouped_mm(device: str, M: int, K: int, N: int, groups: list[int], inp
     B = weight_relayout(make(E * K, N, seed + 1, device).reshape(E, K, N))
     grad = random_bf16(M, N, seed=seed + 2, device=device)
     for (mode, hp, keep), out_dtype in itertools.product(cases, out_dtypes):
-        expected = run_fwd_bwd(ref.mxfp8_grouped_mm_reference, A, B, grad.to(out_dtype), offs=offs,
+        expected = run_fwd_bwd(reference.mxfp8_grouped_mm_reference, A, B, grad.to(out_dtype), offs=offs,
                                out_dtype=out_dtype, scale_mode=mode, wgrad_with_hp=hp)
         actual = run_fwd_bwd(fast.fast_mxfp8_grouped_mm, A, B, grad.to(out_dtype), offs=offs,
                              out_dtype=out_dtype, scale_mode=mode, wgrad_with_hp=hp, keep_quantized_weight=keep)
@@ -130,18 +129,18 @@ def check_grouped_mm(device: str, M: int, K: int, N: int, groups: list[int], inp
 @pytest.mark.parametrize("mode", MODES)
 def test_fake_quantize_bitwise_interpreter(mode: str) -> None:
     x = torch.cat([adversarial(48, 64, seed=1), random_bf16(16, 64, seed=2)])
-    assert bitwise_equal(fast.fast_fake_quantize(x, -1, mode), ref.mx_fake_quantize(x, -1, mode))
-    assert bitwise_equal(fast.fast_fake_quantize(x, 0, mode), ref.mx_fake_quantize(x, 0, mode))
+    assert bitwise_equal(fast.fast_fake_quantize(x, -1, mode), quantize.mx_fake_quantize(x, -1, mode))
+    assert bitwise_equal(fast.fast_fake_quantize(x, 0, mode), quantize.mx_fake_quantize(x, 0, mode))
     # float32 inputs holding bf16 values: the same blocks, exponents read from float32
-    assert bitwise_equal(fast.fast_fake_quantize(x.float(), -1, mode), ref.mx_fake_quantize(x.float(), -1, mode))
+    assert bitwise_equal(fast.fast_fake_quantize(x.float(), -1, mode), quantize.mx_fake_quantize(x.float(), -1, mode))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_weight_quantize_both_orientations_interpreter(mode: str) -> None:
     B = weight_relayout(adversarial(3 * 64, 96, seed=3).reshape(3, 64, 96))  # (E, K, N), per-group column-major
     along_k, along_n = fast._quantize_weight(B, mode, along_k=True, along_n=True)
-    expected_k = ref.mx_fake_quantize(B, dim=1, scale_mode=mode)
-    expected_n = ref.mx_fake_quantize(B, dim=2, scale_mode=mode).transpose(-2, -1).contiguous()
+    expected_k = quantize.mx_fake_quantize(B, dim=1, scale_mode=mode)
+    expected_n = quantize.mx_fake_quantize(B, dim=2, scale_mode=mode).transpose(-2, -1).contiguous()
     assert bitwise_equal(along_k.transpose(-2, -1), expected_k)
     assert along_k.transpose(-2, -1).stride() == expected_k.stride()
     assert bitwise_equal(along_n, expected_n)
@@ -155,7 +154,7 @@ def test_grouped_rows_bitwise_interpreter(mode: str) -> None:
     offs = make_offs(GROUPS, "cpu")
     x = adversarial(sum(GROUPS) + TAIL, 64, seed=4)
     actual = fast.fast_fake_quantize_grouped_rows(x, offs, mode)
-    assert bitwise_equal(actual, ref.mx_fake_quantize_grouped_rows(x, offs, mode))
+    assert bitwise_equal(actual, quantize.mx_fake_quantize_grouped_rows(x, offs, mode))
 
 
 @pytest.mark.parametrize(
@@ -215,15 +214,15 @@ def test_quantizers_bitwise_cuda(mode: str, hw_cvt: bool, monkeypatch: pytest.Mo
     monkeypatch.setattr(fast, "USE_HW_CVT", hw_cvt)
     x = torch.cat([adversarial(4096, 512, seed=10, device="cuda"), random_bf16(1024, 512, seed=11, device="cuda")])
     for dim in (-1, 0):
-        assert bitwise_equal(fast.fast_fake_quantize(x, dim, mode), ref.mx_fake_quantize(x, dim, mode)), dim
+        assert bitwise_equal(fast.fast_fake_quantize(x, dim, mode), quantize.mx_fake_quantize(x, dim, mode)), dim
     B = weight_relayout(adversarial(8 * 256, 512, seed=12, device="cuda").reshape(8, 256, 512))
     along_k, along_n = fast._quantize_weight(B, mode, along_k=True, along_n=True)
-    assert bitwise_equal(along_k.transpose(-2, -1), ref.mx_fake_quantize(B, dim=1, scale_mode=mode))
-    assert bitwise_equal(along_n, ref.mx_fake_quantize(B, dim=2, scale_mode=mode).transpose(-2, -1).contiguous())
+    assert bitwise_equal(along_k.transpose(-2, -1), quantize.mx_fake_quantize(B, dim=1, scale_mode=mode))
+    assert bitwise_equal(along_n, quantize.mx_fake_quantize(B, dim=2, scale_mode=mode).transpose(-2, -1).contiguous())
     groups = [0, 1, 33, 0, 640, 7, 2000, 31, 32, 1]
     offs = make_offs(groups, "cuda")
     rows = adversarial(sum(groups) + 100, 512, seed=13, device="cuda")
-    assert bitwise_equal(fast.fast_fake_quantize_grouped_rows(rows, offs, mode), ref.mx_fake_quantize_grouped_rows(rows, offs, mode))
+    assert bitwise_equal(fast.fast_fake_quantize_grouped_rows(rows, offs, mode), quantize.mx_fake_quantize_grouped_rows(rows, offs, mode))
 
 
 @pytest.mark.cuda
@@ -348,7 +347,7 @@ def train_losses(grouped_mm: Callable[..., torch.Tensor], steps: int, device: st
 @pytest.mark.parametrize("hp", [True, False])
 def test_tiny_moe_trains_bitwise_like_reference_cuda(hp: bool) -> None:
     def reference(A, B, offs):
-        return ref.mxfp8_grouped_mm_reference(A, B, offs, torch.bfloat16, "rceil", hp)
+        return reference.mxfp8_grouped_mm_reference(A, B, offs, torch.bfloat16, "rceil", hp)
 
     def fast_mm(A, B, offs):
         return fast.fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, "rceil", hp)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fakes
-from mxfp8_compat import MXFP8Unavailable, probes, resolve
+from mxfp8_compat import MXFP8Unavailable, resolve
+from mxfp8_compat.probes import environment
 
 _SM100_ASSERT = 'raise AssertionError(\n                    "SM100 kernels not available. Please use use torchao CUDA 12.8+ build on SM100/100a device(s)."\n                )'
 
@@ -25,12 +26,12 @@ def _with_impl(replacement: str) -> dict[str, str]:
 
 
 def _native_probes_pass(monkeypatch):
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
 
 
 def _faked_cuda(monkeypatch, capability):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(probes, "device_capability", lambda device: capability)
+    monkeypatch.setattr(environment, "device_capability", lambda device: capability)
 
 
 # name -> (torchao version or None, files, extra setup, device, the reason's tell-tale text)
@@ -57,7 +58,7 @@ CATALOGUE: dict[str, tuple] = {
 def test_fault_falls_back_names_itself_and_logs_once(fault, fake_torchao, no_torchao_if_none, monkeypatch, caplog):
     version, files, setup, device, telltale = CATALOGUE[fault]
     if device == "cpu":  # auto would rule native out from the CPU alone: let it probe torchao as on an sm_100
-        monkeypatch.setattr(probes, "native_device_problem", lambda device: None)
+        monkeypatch.setattr(environment, "native_device_problem", lambda device: None)
     if version is None:
         no_torchao_if_none()
     else:
@@ -78,4 +79,4 @@ def test_fault_falls_back_names_itself_and_logs_once(fault, fake_torchao, no_tor
 
 @pytest.fixture
 def no_torchao_if_none(monkeypatch) -> Callable[[], None]:
-    return lambda: monkeypatch.setattr(probes, "installed_torchao_version", lambda: None)
+    return lambda: monkeypatch.setattr(environment, "installed_torchao_version", lambda: None)

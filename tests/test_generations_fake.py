@@ -15,8 +15,11 @@ from packaging.specifiers import SpecifierSet
 
 import fakes
 from conftest import float64_reference, make_problem, run_with_grads
-from mxfp8_compat import GENERATIONS, MXFP8Unavailable, ScaleMode, probes, resolve, sqnr_db
-from mxfp8_compat.generations import Generation, bind_scaling_type
+from mxfp8_compat import GENERATIONS, MXFP8Unavailable, ScaleMode, resolve, sqnr_db
+from mxfp8_compat.probes import environment
+from mxfp8_compat.providers import match as matching
+from mxfp8_compat import Generation
+from mxfp8_compat.providers.torchao_013_015 import apply_forward_params, bind_scaling_type, positional_prefix
 
 SHAPES = {
     "0.18.0": ("0.18", fakes.GEN_018, "torchao"),
@@ -68,7 +71,7 @@ def test_auto_on_cpu_falls_back_to_bf16_with_the_reason(fake_torchao, version):
 
 def test_013_is_never_native_even_on_sm100(fake_torchao, monkeypatch):
     fake_torchao("0.13.0", fakes.GEN_013)
-    monkeypatch.setattr(probes, "device_capability", lambda device: (10, 0))
+    monkeypatch.setattr(environment, "device_capability", lambda device: (10, 0))
     with pytest.raises(MXFP8Unavailable, match="always emulated"):
         resolve("native", device="cpu")
 
@@ -76,8 +79,8 @@ def test_013_is_never_native_even_on_sm100(fake_torchao, monkeypatch):
 def _pretend_native_device(monkeypatch, fake):
     """Let the native path through the device probes on this CPU (the kernel itself is faked)."""
     fake.impl.NATIVE_WORKS = True
-    real = probes.native_kernel_problem
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None if bound.generation.native else real(bound, device))
+    real = environment.native_kernel_problem
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None if bound.generation.native else real(bound, device))
 
 
 @pytest.mark.parametrize("version", ["0.18.0", "0.17.0", "0.16.0", "0.15.0", "0.14.1"])
@@ -186,8 +189,8 @@ def test_positional_only_row_rejects_a_reused_slot(fake_torchao):
         versions=SpecifierSet(">=0.15.0.dev0,<0.16.0.dev0", prereleases=True),
         entry_points=(("torchao.prototype.moe_training.scaled_grouped_mm", "_to_mxfp8_then_scaled_grouped_mm"),),
         fingerprint=("A", "B_t", "offs", "block_size", "out_dtype"),
-        positional_only=True,
-        via_autograd_function=True,
+        params=apply_forward_params,
+        fingerprint_rule=positional_prefix,
         bind=bind_scaling_type,
         native=True,
         emulation="reference",
@@ -195,11 +198,11 @@ def test_positional_only_row_rejects_a_reused_slot(fake_torchao):
         wgrad_with_hp=False,
     )
     fake_torchao("0.15.0", fakes.GEN_015)
-    assert probes.match_generation("0.15.0", table=(row,)).bound is not None
+    assert matching.match_generation("0.15.0", table=(row,)).bound is not None
     fakes.purge_torchao_modules()
     reused = {k: v.replace("block_size=32, out_dtype", "bias=None, out_dtype") for k, v in fakes.GEN_015.items()}
     fake_torchao("0.15.0", reused)
-    match = probes.match_generation("0.15.0", table=(row,))
+    match = matching.match_generation("0.15.0", table=(row,))
     assert match.bound is None
     assert any("positional parameters" in reason for reason in match.reasons), match.reasons
 
@@ -215,7 +218,7 @@ def test_smoke_run_rejects_wrong_values(fake_torchao, fake_mode, verdict):
 
 def test_native_assertion_sm100_unavailable_is_a_reason(fake_torchao, native_capable_device, monkeypatch):
     fake = fake_torchao("0.18.0", fakes.GEN_018)
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
     res = resolve("auto", device="cpu")  # fake kernel raises AssertionError('SM100 kernels not available')
     assert res.backend == "bf16"
     assert any("AssertionError: SM100 kernels not available" in r for r in res.reasons), res.reasons
@@ -227,7 +230,7 @@ def test_first_call_runtime_error_is_a_reason(fake_torchao, native_capable_devic
                           'raise RuntimeError("0 active drivers ([]). There should only be one.")') for k, v in fakes._ENUMS.items() if k == "torchao/_fake_impl.py"}
     assert "0 active drivers" in files["torchao/_fake_impl.py"]
     fake_torchao("0.15.0", {**fakes.GEN_015, **files})
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
     with pytest.raises(MXFP8Unavailable, match="0 active drivers"):
         resolve("native", device="cpu")
 
@@ -235,7 +238,7 @@ def test_first_call_runtime_error_is_a_reason(fake_torchao, native_capable_devic
 def test_sm120_is_not_admitted(fake_torchao, monkeypatch):
     fake_torchao("0.18.0", fakes.GEN_018)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the faked CUDA query
-    monkeypatch.setattr(probes, "device_capability", lambda device: (12, 0))
+    monkeypatch.setattr(environment, "device_capability", lambda device: (12, 0))
     with pytest.raises(MXFP8Unavailable, match=r"compute capability 12\.0 \(sm_120\)"):
         resolve("native", device="cuda:0")
 
@@ -243,6 +246,6 @@ def test_sm120_is_not_admitted(fake_torchao, monkeypatch):
 def test_torchao_flag_false_on_sm100_is_a_reason(fake_torchao, monkeypatch):
     fake_torchao("0.18.0", fakes.GEN_018)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(probes, "device_capability", lambda device: (10, 0))
+    monkeypatch.setattr(environment, "device_capability", lambda device: (10, 0))
     with pytest.raises(MXFP8Unavailable, match="_SM100_KERNELS_AVAILABLE=False"):
         resolve("native", device="cuda:0")

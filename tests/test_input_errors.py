@@ -71,12 +71,12 @@ def test_mxfp8_shape_requirements_raise_in_emulated_mode(no_torchao):
 def test_auto_runs_unaligned_shapes_in_bf16_and_logs_once(fake_torchao, native_capable_device, monkeypatch, caplog):
     """In auto mode a call MXFP8 cannot take runs in bf16 (logged once); native mode raises."""
     import fakes
-    from mxfp8_compat import probes
-    from mxfp8_compat.reference import grouped_mm_highprec
+    from mxfp8_compat.probes import environment
+    from mxfp8_compat.numerics.highprec import grouped_mm_highprec
 
     working_native = fakes._ENUMS["torchao/_fake_impl.py"].replace("if not NATIVE_WORKS:", "if False:")
     fake_torchao("0.18.0", {**fakes.GEN_018, "torchao/_fake_impl.py": working_native})
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
     fn = resolve("auto", device="cpu")
     assert fn.backend == "mxfp8"
     p = make_problem(group_rows=(32, 32), k=48, n=64, requires_grad=False)
@@ -105,7 +105,7 @@ def test_non_contiguous_A_and_either_B_layout_give_the_same_result(no_torchao, m
         # bf16 hands A and B to torch._grouped_mm as they are, so its kernel choice (and the
         # bits, which differ between layouts on some CPU builds) are torch's own.
         from mxfp8_compat import sqnr_db
-        from mxfp8_compat.reference import grouped_mm_highprec
+        from mxfp8_compat.numerics.highprec import grouped_mm_highprec
 
         for A, B in ((A_strided, p.B), (p.A, p.B.contiguous())):
             out = fn(A, B, p.offs)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import fakes
-from mxfp8_compat import MXFP8Unavailable, isolation, resolve, reset
+from mxfp8_compat import MXFP8Unavailable, resolve, reset
+from mxfp8_compat.probes import isolated as isolation
 
 # What the isolated probe finds is about torchao: let auto probe it on this CPU too.
 pytestmark = pytest.mark.usefixtures("native_capable_device")

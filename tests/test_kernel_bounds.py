@@ -1,7 +1,7 @@
 """Never wrong at production scale: kernels past 2**31 elements, nothing to multiply, strided metadata, errors.
 
 The first tests run every Triton kernel of the package at offsets just below and past 2**31
-and 2**32 in triton's interpreter (tests/kernel_bounds_child.py, one child process: an int32
+and 2**32 in triton's interpreter (tests/support/kernel_bounds_child.py, one child process: an int32
 address that wraps kills the process, as it does a GPU job). The rest are the contract's
 degenerate and strided cases in every mode on the CPU; tests/test_cuda_scale.py runs the
 same cases on a GPU at real sizes.
@@ -21,11 +21,12 @@ import torch
 
 from conftest import make_problem, needs_grouped_mm_on_cpu
 from mxfp8_compat import resolve
-from mxfp8_compat.backends import make_bf16
-from mxfp8_compat.generations import GENERATIONS, PerKernel
+from mxfp8_compat.backends.grouped_mm import make_bf16
+from mxfp8_compat import GENERATIONS
+from mxfp8_compat.providers.schema import PerKernel
 
 MODES = ["off", "emulated", "auto"]
-CHILD = Path(__file__).with_name("kernel_bounds_child.py")
+CHILD = Path(__file__).resolve().parent / "support" / "kernel_bounds_child.py"
 CASES = [
     "blocks_below_2**31",
     "blocks_at_2**31",
@@ -68,13 +69,13 @@ def test_every_case_of_the_child_is_checked(bounds_results):
 
 def _interpreted(name: str):
     pytest.importorskip("triton", reason="the kernels need triton")
-    from mxfp8_compat._kernel_launch import kernel_module
+    from mxfp8_compat.kernels.launch import kernel_module
 
     return kernel_module(name, True)
 
 
 def test_gather_rows_reads_a_strided_index_by_its_strides():
-    gather_rows = _interpreted("_token_group_kernels").gather_rows
+    gather_rows = _interpreted("token_groups").gather_rows
     x = torch.randn(64, 48)
     index = torch.randperm(64)[:40]
     strided = index[::2]
@@ -83,10 +84,10 @@ def test_gather_rows_reads_a_strided_index_by_its_strides():
 
 
 def test_grouped_rows_quantiser_reads_strided_offs_by_its_strides():
-    from mxfp8_compat.fast_emulation import fast_fake_quantize_grouped_rows
-    from mxfp8_compat.quantize import mx_fake_quantize_grouped_rows
+    from mxfp8_compat.backends.fast_emulation import fast_fake_quantize_grouped_rows
+    from mxfp8_compat.numerics.quantize import mx_fake_quantize_grouped_rows
 
-    _interpreted("_fast_kernels")
+    _interpreted("fast_quant")
     x = torch.randn(100, 64, dtype=torch.bfloat16)
     offs = torch.tensor([17, 17, 17, 99, 64, 99, 100, 0], dtype=torch.int32)[::2]  # [17, 17, 64, 100]
     assert not offs.is_contiguous()
@@ -95,7 +96,7 @@ def test_grouped_rows_quantiser_reads_strided_offs_by_its_strides():
 
 
 def test_launch_refuses_tensors_on_two_devices():
-    from mxfp8_compat._kernel_launch import launch
+    from mxfp8_compat.kernels.launch import launch
 
     class Kernel:
         def __getitem__(self, grid):

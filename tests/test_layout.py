@@ -170,7 +170,7 @@ class _WeightOps(TorchDispatchMode):
 
 def _mark_backend_math(monkeypatch, seen: _WeightOps) -> None:
     """Route the reference's and the per-group loop's math through ``seen.inside_math``."""
-    from mxfp8_compat import highprec, reference
+    from mxfp8_compat.numerics import highprec, reference
 
     def marked(fn):
         def inside(*args, **kwargs):
@@ -204,7 +204,7 @@ def _prepared(B: torch.Tensor) -> tuple[torch.nn.Parameter, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["emulated", "off"])
 def test_stored_weight_is_not_copied_and_gets_its_gradient(no_torchao, monkeypatch, mode, storage):
     """No op copies either weight storage (forward or backward); the gradient reaches the parameter."""
-    from mxfp8_compat import backends
+    from mxfp8_compat.backends import grouped_mm as backends
 
     relayouts = []
     real = backends.weight_relayout

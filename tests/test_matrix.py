@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mxfp8_compat import matrix
+from mxfp8_compat_dev import matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,12 +149,12 @@ def test_tox_records_outside_the_checkout_and_refreshes_only_on_request():
         for option in ("commands", "commands_pre", "commands_post"):
             text = ini.get(section, option, fallback="")
             for line in text.splitlines():
-                if "mxfp8_compat.matrix record" in line:
+                if "mxfp8_compat_dev.matrix record" in line:
                     assert "--dir {work_dir}/" in line, (section, line)
                 if "compat_matrix" in line:
-                    assert "mxfp8_compat.matrix finish" in line and "--refresh" not in line, (section, line)
+                    assert "mxfp8_compat_dev.matrix finish" in line and "--refresh" not in line, (section, line)
     matrix_env = ini["testenv:matrix"]
-    assert "mxfp8_compat.matrix finish" in matrix_env["commands"]
+    assert "mxfp8_compat_dev.matrix finish" in matrix_env["commands"]
     assert matrix_env.get("parallel_show_output", "").strip() == "true"
     assert matrix.REFRESH_ENV_VAR in matrix_env.get("pass_env", "")
     assert ".tox/" in (ROOT / ".gitignore").read_text().split()

@@ -1,7 +1,7 @@
 """Every README code block runs as pasted, and CI runs the README's test command.
 
 Python blocks run one by one, each in a fresh interpreter from a file holding exactly the block
-(tests/readme_blocks.py says which run how); the torchrun script runs under its own command in the
+(tests/support/readme_blocks.py says which run how); the torchrun script runs under its own command in the
 2-process suite (tests/test_distributed.py). The first bash block's two commands are the set-up:
 .ci/run runs the second one, checked here with pip and tox replaced by recorders.
 """
@@ -115,9 +115,9 @@ def _run_ci(tmp_path: Path, with_shared: bool) -> tuple[subprocess.CompletedProc
     """
     checkout = tmp_path / "clone"
     (checkout / ".ci").mkdir(parents=True)
-    (checkout / "src" / "mxfp8_compat").mkdir(parents=True)
+    (checkout / "tools" / "mxfp8_compat_dev").mkdir(parents=True)
     (checkout / "compat_matrix" / "results").mkdir(parents=True)
-    for name in ("README.md", ".ci/run", "tox.ini", "src/mxfp8_compat/matrix_totals.py"):
+    for name in ("README.md", ".ci/run", "tox.ini", "tools/mxfp8_compat_dev/matrix_totals.py"):
         (checkout / name).write_text((ROOT / name).read_text())
     (checkout / "compat_matrix" / "results" / "old-cpu.json").write_text("{}")
     (checkout / "compat_matrix" / "results" / "kept-sm90.json").write_text('{"tests": {"passed": 100}}')

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import float64_reference, make_problem, run_with_grads
-from mxfp8_compat import MXFP8Unavailable, probes, resolve, sqnr_db
+from mxfp8_compat import MXFP8Unavailable, resolve, sqnr_db
+from mxfp8_compat.probes import environment
 
-INSTALLED = probes.installed_torchao_version()
+INSTALLED = environment.installed_torchao_version()
 EXPECT_GENERATION = os.environ.get("MXFP8_COMPAT_EXPECT_GENERATION")
 EXPECT_CPU_EMULATION = os.environ.get("MXFP8_COMPAT_EXPECT_CPU_EMULATION")
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import float64_reference, make_problem, run_with_grads
 from mxfp8_compat import ScaleMode, mxfp8_grouped_mm_reference, resolve, sqnr_db
-from mxfp8_compat.reference import E4M3_MAX, mx_dequantize, mx_fake_quantize, mx_quantize
+from mxfp8_compat.numerics.quantize import E4M3_MAX, mx_dequantize, mx_fake_quantize, mx_quantize
 
 # torchao's own acceptance thresholds for MXFP8 grouped GEMM against a high-precision reference.
 MIN_OUT_DB, MIN_GRAD_A_DB, MIN_GRAD_B_DB = 27.0, 25.0, 24.0

@@ -70,7 +70,7 @@ def test_resolution_is_a_frozen_record(no_torchao):
 
 
 def test_off_takes_the_preferred_path_so_reasons_are_empty(no_torchao):
-    from mxfp8_compat.reference import grouped_mm_support
+    from mxfp8_compat.numerics.highprec import grouped_mm_support
 
     res = resolve("off", device="cpu")
     assert res.backend == "bf16"
@@ -100,16 +100,16 @@ def test_auto_falls_back_to_bf16_and_logs_once(no_torchao, caplog):
 
 
 def test_sixteen_threads_get_one_resolution_and_one_smoke_run(no_torchao, monkeypatch):
-    from mxfp8_compat import probes
+    from mxfp8_compat.probes import smoke
 
     calls = []
-    real_smoke = probes.smoke_run
+    real_smoke = smoke.smoke_run
 
     def counting_smoke(*args, **kwargs):
         calls.append(1)
         return real_smoke(*args, **kwargs)
 
-    monkeypatch.setattr(probes, "smoke_run", counting_smoke)
+    monkeypatch.setattr(smoke, "smoke_run", counting_smoke)
     barrier = threading.Barrier(16)
     results: list[Resolution] = []
 
@@ -128,16 +128,16 @@ def test_sixteen_threads_get_one_resolution_and_one_smoke_run(no_torchao, monkey
 
 
 def _count_smoke_runs(monkeypatch) -> list:
-    from mxfp8_compat import probes
+    from mxfp8_compat.probes import smoke
 
     calls: list = []
-    real_smoke = probes.smoke_run
+    real_smoke = smoke.smoke_run
 
     def counting_smoke(*args, **kwargs):
         calls.append(1)
         return real_smoke(*args, **kwargs)
 
-    monkeypatch.setattr(probes, "smoke_run", counting_smoke)
+    monkeypatch.setattr(smoke, "smoke_run", counting_smoke)
     return calls
 
 
@@ -168,17 +168,17 @@ def test_unhashable_device_is_a_value_error():
 
 def test_a_slow_resolve_does_not_block_another_key(no_torchao, monkeypatch):
     """One key's probes may run for minutes (an isolated child); other keys must not wait."""
-    from mxfp8_compat import probes
+    from mxfp8_compat.probes import smoke
 
     started, release = threading.Event(), threading.Event()
-    real_smoke = probes.smoke_run
+    real_smoke = smoke.smoke_run
 
     def slow_smoke(*args, **kwargs):
         started.set()
         release.wait(timeout=30)
         return real_smoke(*args, **kwargs)
 
-    monkeypatch.setattr(probes, "smoke_run", slow_smoke)
+    monkeypatch.setattr(smoke, "smoke_run", slow_smoke)
     slow = threading.Thread(target=resolve, args=("emulated",), kwargs={"device": "cpu"})
     slow.start()
     try:
@@ -195,17 +195,17 @@ def test_a_slow_resolve_does_not_block_another_key(no_torchao, monkeypatch):
 
 
 def test_a_resolve_in_flight_during_reset_does_not_fill_the_new_cache(no_torchao, monkeypatch):
-    from mxfp8_compat import probes
+    from mxfp8_compat.probes import smoke
 
     started, release = threading.Event(), threading.Event()
-    real_smoke = probes.smoke_run
+    real_smoke = smoke.smoke_run
 
     def slow_smoke(*args, **kwargs):
         started.set()
         release.wait(timeout=30)
         return real_smoke(*args, **kwargs)
 
-    monkeypatch.setattr(probes, "smoke_run", slow_smoke)
+    monkeypatch.setattr(smoke, "smoke_run", slow_smoke)
     old: list[Resolution] = []
     slow = threading.Thread(target=lambda: old.append(resolve("emulated", device="cpu")))
     slow.start()
@@ -213,5 +213,5 @@ def test_a_resolve_in_flight_during_reset_does_not_fill_the_new_cache(no_torchao
     mxfp8_compat.reset()
     release.set()
     slow.join()
-    monkeypatch.setattr(probes, "smoke_run", real_smoke)
+    monkeypatch.setattr(smoke, "smoke_run", real_smoke)
     assert old and resolve("emulated", device="cpu") is not old[0]

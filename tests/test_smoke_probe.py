@@ -13,8 +13,12 @@ import functools
 import pytest
 import torch
 
-from mxfp8_compat import probes, resolve
-from mxfp8_compat.reference import ScaleMode, grouped_mm_highprec, grouped_mm_support, mxfp8_grouped_mm_reference
+from mxfp8_compat import resolve
+from mxfp8_compat.probes import environment, smoke
+from mxfp8_compat.providers import match as matching
+from mxfp8_compat.numerics.quantize import ScaleMode
+from mxfp8_compat.numerics.highprec import grouped_mm_highprec, grouped_mm_support
+from mxfp8_compat.numerics.reference import mxfp8_grouped_mm_reference
 
 CPU = torch.device("cpu")
 
@@ -84,7 +88,7 @@ MISTAKES = {
 @pytest.mark.parametrize("name", sorted(MISTAKES))
 def test_each_mistake_is_rejected_with_a_reason(name, exact):
     fn, verdict = MISTAKES[name]
-    result = probes.smoke_run(fn, CPU, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=True, exact=exact)
+    result = smoke.smoke_run(fn, CPU, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=True, exact=exact)
     assert result.problem is not None, f"{name} passed the smoke probe"
     if exact or "bitwise" not in verdict:
         assert verdict in result.problem, result.problem
@@ -96,11 +100,11 @@ def test_each_mistake_is_rejected_with_a_reason(name, exact):
 @pytest.mark.parametrize("wgrad_with_hp", [True, False])
 def test_the_reference_itself_passes_with_its_own_rule(scale_mode, wgrad_with_hp):
     fn = _reference(scale_mode, wgrad_with_hp)
-    result = probes.smoke_run(fn, CPU, scale_mode=scale_mode, wgrad_with_hp=wgrad_with_hp, exact=True)
+    result = smoke.smoke_run(fn, CPU, scale_mode=scale_mode, wgrad_with_hp=wgrad_with_hp, exact=True)
     assert result.problem is None, result.problem
     assert 25 < result.sqnr_out_db < 35, "MXFP8 sits ~28 dB from float64: neither bf16 (~50) nor garbage"
     other = ScaleMode.FLOOR if scale_mode is ScaleMode.RCEIL else ScaleMode.RCEIL
-    wrong = probes.smoke_run(fn, CPU, scale_mode=other, wgrad_with_hp=wgrad_with_hp, exact=True)
+    wrong = smoke.smoke_run(fn, CPU, scale_mode=other, wgrad_with_hp=wgrad_with_hp, exact=True)
     assert wrong.problem is not None
 
 
@@ -110,31 +114,31 @@ def test_probe_ignores_grad_mode_default_device_and_dtype():
     try:
         torch.set_default_dtype(torch.float64)
         with torch.no_grad():
-            assert probes.smoke_run(fn, CPU, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=True, exact=True).problem is None
+            assert smoke.smoke_run(fn, CPU, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=True, exact=True).problem is None
         with torch.inference_mode():
-            assert probes.smoke_run(fn, CPU, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=True, exact=True).problem is None
+            assert smoke.smoke_run(fn, CPU, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=True, exact=True).problem is None
         with torch.device("meta"):
-            assert probes.smoke_run(fn, CPU, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=True, exact=True).problem is None
+            assert smoke.smoke_run(fn, CPU, scale_mode=ScaleMode.RCEIL, wgrad_with_hp=True, exact=True).problem is None
     finally:
         torch.set_default_dtype(previous)
 
 
 # --- the same mistakes made by a normalizer of the real installed torchao -------------------
 
-torchao_version = probes.installed_torchao_version()
+torchao_version = environment.installed_torchao_version()
 
 
 def _real_keyword_row():
     if torchao_version is None:
         pytest.skip("no torchao installed in this environment")
-    match = probes.match_generation(torchao_version)
+    match = matching.match_generation(torchao_version)
     if match.bound is None or match.bound.generation.emulation != "torchao" or match.bound.generation.key < "0.16":
         pytest.skip("needs a real torchao 0.16+ (keyword entry with KernelPreference.EMULATED)")
     return match
 
 
 def _broken_bind(mistake):
-    from mxfp8_compat.generations import _enum, _kernel_preference
+    from mxfp8_compat.providers.torchao import _enum, _kernel_preference
 
     def bind(entry, kernel, wgrad_with_hp):
         mode = _enum("torchao.prototype.mx_formats.config", "ScaleCalculationMode")
@@ -162,7 +166,7 @@ def test_real_row_with_a_broken_normalizer_is_not_reported_as_mxfp8(monkeypatch,
     match = _real_keyword_row()
     row = dataclasses.replace(match.bound.generation, bind=_broken_bind(mistake))
     bound = dataclasses.replace(match.bound, generation=row)
-    monkeypatch.setattr(probes, "match_generation", lambda version, table=None: dataclasses.replace(match, bound=bound))
+    monkeypatch.setattr(matching, "match_generation", lambda version, table=None: dataclasses.replace(match, bound=bound))
     res = resolve("emulated", device="cpu")
     if mistake == "out_dtype ignored" and not grouped_mm_support("cpu", torch.bfloat16)[1]:
         # This torch's CPU grouped GEMM cannot emit float32, so the shim never asks torchao for

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import fakes
 from conftest import float64_reference, make_problem, run_with_grads, torch_grouped_mm
-from mxfp8_compat import probes, resolve, sqnr_db
-from mxfp8_compat.reference import mxfp8_grouped_mm_reference
+from mxfp8_compat import resolve, sqnr_db
+from mxfp8_compat.probes import environment
+from mxfp8_compat.numerics.reference import mxfp8_grouped_mm_reference
 from mxfp8_compat.token_groups import (
     pad_token_groups,
     padded_rows_bound,
@@ -114,7 +115,7 @@ def _kernels_assert_alignment(fake, monkeypatch, multiple: int, calls: list) -> 
 
     monkeypatch.setattr(impl, "emulate", asserting)
     monkeypatch.setattr(impl, "NATIVE_WORKS", True)
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
 
 
 @pytest.mark.parametrize("row", sorted(FAKES))
@@ -236,7 +237,7 @@ _INTERPRETED_KERNELS = r'''
 import os
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
-from mxfp8_compat import _token_group_kernels as kernels
+from mxfp8_compat.kernels import token_groups as kernels
 from mxfp8_compat.token_groups import _gather_rows_torch, _token_group_layout_torch, padded_rows_bound
 
 generator = torch.Generator().manual_seed(int(os.environ["SEED"]))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import torch_sm100_standin as standin
-from mxfp8_compat import torch_native
+from mxfp8_compat.backends import torch_native
 from mxfp8_compat.cli import main
 
 

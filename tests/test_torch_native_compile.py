@@ -2,7 +2,7 @@
 
 * ``torch.compile(..., fullgraph=True)`` (``aot_eager`` and CPU ``inductor``) of the callable, forward and
   backward through torch's own dispatcher with only its sm_100 kernel stood in
-  (``tests/torch_sm100_standin.py``): equal to eager bit for bit, the two custom ops in the graph.
+  (``tests/support/torch_sm100_standin.py``): equal to eager bit for bit, the two custom ops in the graph.
 * ``torch.library.opcheck`` of both custom ops (schema, fake kernels, autograd registration, AOT
   dispatch with dynamic shapes) on real operands: unaligned, empty and one-row groups, ``offs[-1] < M``.
 * No host read of a tensor anywhere in the forward and backward: a guard fails the test on any
@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import torch_sm100_standin as standin
 from mxfp8_compat import resolve
-from mxfp8_compat import torch_native as tn
+from mxfp8_compat.backends import torch_native as tn
 from mxfp8_compat.layout import weight_relayout
 from mxfp8_compat.token_groups import token_group_padding
 

@@ -4,7 +4,7 @@
 quantisers (Triton, in the interpreter here), the adapter row's entry (``F.scaled_grouped_mm`` on torch
 2.14+, ``torch._scaled_grouped_mm`` on 2.11-2.13) through torch's dispatcher, and torch's own meta kernel
 on meta tensors of every call's shapes, strides and dtypes. The kernel's arithmetic is
-``tests/torch_sm100_standin.py``: it decodes the swizzled scales by the documented layout, so a
+``tests/support/torch_sm100_standin.py``: it decodes the swizzled scales by the documented layout, so a
 mis-laid-out scale tensor gives a wrong product (``test_mislaid_scales_fail``).
 
 Numerics against ``mxfp8_grouped_mm_reference`` (RCEIL): output and gradients near-bitwise (the same
@@ -24,10 +24,13 @@ import torch
 import torch_sm100_standin as standin
 from conftest import float64_reference, make_problem
 from mxfp8_compat import MXFP8Unavailable, mxfp8_grouped_mm_reference, resolve, sqnr_db
-from mxfp8_compat import probes, resolution, torch_native
-from mxfp8_compat.generations import TORCH_GENERATIONS
+from mxfp8_compat import resolution
+from mxfp8_compat.backends import torch_native
+from mxfp8_compat.probes import environment
+from mxfp8_compat.providers.table import TORCH_GENERATIONS
 from mxfp8_compat.layout import weight_relayout
-from mxfp8_compat.reference import grouped_mm_loop, mx_fake_quantize
+from mxfp8_compat.numerics.highprec import grouped_mm_loop
+from mxfp8_compat.numerics.quantize import mx_fake_quantize
 
 pytest.importorskip("triton")
 
@@ -250,9 +253,9 @@ def test_device_gate_reasons(monkeypatch, no_torchao):
     with pytest.raises(MXFP8Unavailable, match="needs a CUDA device with compute capability 10.x"):
         resolve("native", device="cpu", provider="torch")
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(probes, "device_capability", lambda device: (12, 0))
+    monkeypatch.setattr(environment, "device_capability", lambda device: (12, 0))
     assert "sm_120" in torch_native.torch_kernel_problem(ROW, cuda)
-    monkeypatch.setattr(probes, "device_capability", lambda device: (10, 0))
+    monkeypatch.setattr(environment, "device_capability", lambda device: (10, 0))
     monkeypatch.setattr(torch.__config__, "show", lambda: "USE_CUDA=1, USE_CUDNN=ON")
     assert "built without USE_MSLK" in torch_native.torch_kernel_problem(ROW, cuda)
     monkeypatch.setattr(torch.__config__, "show", lambda: "USE_CUDA=1, USE_MSLK=ON")

@@ -2,7 +2,7 @@
 
 Each output is compared with the reference quantiser (:func:`mxfp8_compat.quantize.mx_quantize`, RCEIL) for
 data and exponents and with torch's own ``to_blocked`` for the scale layout, per group, placed where
-MSLK's grouped kernel looks for it (``tests/torch_blocked.py``). On the CPU the Triton kernels run in
+MSLK's grouped kernel looks for it (``tests/support/torch_blocked.py``). On the CPU the Triton kernels run in
 triton's interpreter; with ``@pytest.mark.cuda`` the same checks run on the GPU, on both conversion
 paths (the cvt instruction and the arithmetic one).
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torch_blocked as tb
-from mxfp8_compat import torch_native as tn
+from mxfp8_compat.backends import torch_native as tn
 from mxfp8_compat.token_groups import token_group_padding
 
 pytest.importorskip("triton")
@@ -159,8 +159,8 @@ def test_importing_mxfp8_compat_does_not_import_the_kernels():
     import sys
 
     code = (
-        "import sys, mxfp8_compat, mxfp8_compat.torch_native; "
-        "assert 'mxfp8_compat._mx_quant_kernels' not in sys.modules, 'kernels imported'"
+        "import sys, mxfp8_compat, mxfp8_compat.backends.torch_native; "
+        "assert 'mxfp8_compat.kernels.mx_quant' not in sys.modules, 'kernels imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -39,7 +39,7 @@ from mxfp8_compat.integrations.torchtitan import (  # noqa: E402
     MXFP8CompatTokenDispatcher,
     mxfp8_experts_class,
 )
-from mxfp8_compat.metrics import sqnr_db  # noqa: E402
+from mxfp8_compat.numerics.metrics import sqnr_db  # noqa: E402
 
 DIM, HIDDEN, EXPERTS, TOP_K = 64, 96, 4, 2
 

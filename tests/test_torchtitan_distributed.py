@@ -1,6 +1,6 @@
 """The torchtitan converter under torchtitan's own FSDP2 and expert parallelism, 2 ranks (gloo, CPU).
 
-One launch of ``tests/torchtitan_worker.py`` on 2 processes through tests/distributed_launch.py's
+One launch of ``tests/support/torchtitan_worker.py`` on 2 processes through tests/support/distributed_launch.py's
 ``launch`` (FileStore rendezvous in a fresh temporary directory; killed and failed after
 ``MXFP8_COMPAT_DIST_TIMEOUT``, 420 s). Each rank builds a tiny qwen3 MoE decoder from
 torchtitan 0.3.0's config tree, converts it with ``MXFP8CompatConverter``, parallelizes it with
@@ -37,7 +37,7 @@ if sys.platform == "win32" or not torch.distributed.is_available():
 
 import distributed_launch  # noqa: E402
 
-WORKER = Path(__file__).resolve().parent / "torchtitan_worker.py"
+WORKER = Path(__file__).resolve().parent / "support" / "torchtitan_worker.py"
 MODES = ["off", "emulated"]
 SCENARIOS = [f"titan:{mode}" for mode in MODES]
 

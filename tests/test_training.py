@@ -90,7 +90,7 @@ def _moe_losses(mode: str, seed: int = 0) -> list[float]:
     # only in principle), plus fixed noise.
     t1 = torch.randn(E, D, H, generator=g, dtype=torch.float64) / D**0.5
     t2 = torch.randn(E, H, D, generator=g, dtype=torch.float64) / H**0.5
-    from mxfp8_compat.reference import grouped_mm_float64
+    from mxfp8_compat.numerics.highprec import grouped_mm_float64
 
     target = grouped_mm_float64(torch.nn.functional.silu(grouped_mm_float64(x.double(), t1, offs)), t2, offs).float()
     # Same init in both modes: float32 master weights, bf16 compute (the usual mixed precision).

@@ -35,7 +35,7 @@ def test_import_and_cpu_resolves_load_neither_dynamo_nor_triton():
         """
         import sys, torch
         import mxfp8_compat
-        MODES = ("off", "auto") + (("emulated",) if __import__("mxfp8_compat.probes").probes.installed_torchao_version() is None else ())
+        MODES = ("off", "auto") + (("emulated",) if __import__("mxfp8_compat.probes.environment").probes.environment.installed_torchao_version() is None else ())
         after_import = sorted(m for m in ("torch._dynamo", "triton") if m in sys.modules)
         A = torch.randn(64, 64, dtype=torch.bfloat16); B = torch.randn(2, 64, 32, dtype=torch.bfloat16)
         offs = torch.tensor([32, 64], dtype=torch.int32)
@@ -57,7 +57,7 @@ def test_a_triton_that_aborts_at_import_does_not_reach_cpu_users(tmp_path):
     child = _child(
         """
         import torch, mxfp8_compat
-        MODES = ("off", "auto") + (("emulated",) if __import__("mxfp8_compat.probes").probes.installed_torchao_version() is None else ())
+        MODES = ("off", "auto") + (("emulated",) if __import__("mxfp8_compat.probes.environment").probes.environment.installed_torchao_version() is None else ())
         A = torch.randn(64, 64, dtype=torch.bfloat16, requires_grad=True)
         B = torch.randn(2, 64, 32, dtype=torch.bfloat16, requires_grad=True)
         offs = torch.tensor([32, 64], dtype=torch.int32)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import types
 from importlib import metadata
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 import torch

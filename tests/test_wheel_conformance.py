@@ -2,7 +2,7 @@
 
 In each release's tox env this drives the native path the way a user does, ``resolve("native")`` and a
 call of the returned callable, with only the sm_100-only kernels replaced by stand-ins that compute real
-MXFP8 and assert what the real kernels assert (``tests/sm100_standins.py``). Everything else is the
+MXFP8 and assert what the real kernels assert (``tests/support/sm100_standins.py``). Everything else is the
 installed wheel's code: the entry point the adapter row binds, torchao's ``autograd.Function``, its
 backward and its gradient arity. So these tests prove, per release, the argument order, the keywords,
 the positional slots, the number of gradients and the ``out_dtype`` plumbing of the shim's wiring;
@@ -33,10 +33,13 @@ import torch
 
 import sm100_standins
 from conftest import float64_reference, make_problem
-from mxfp8_compat import MXFP8Unavailable, mxfp8_grouped_mm_reference, probes, resolve, sqnr_db
-from mxfp8_compat.reference import grouped_mm_loop, mx_fake_quantize
+from mxfp8_compat import MXFP8Unavailable, mxfp8_grouped_mm_reference, resolve, sqnr_db
+from mxfp8_compat.probes import environment
+from mxfp8_compat.providers import match as matching
+from mxfp8_compat.numerics.highprec import grouped_mm_loop
+from mxfp8_compat.numerics.quantize import mx_fake_quantize
 
-INSTALLED = probes.installed_torchao_version()
+INSTALLED = environment.installed_torchao_version()
 EXPECT_GENERATION = os.environ.get("MXFP8_COMPAT_EXPECT_GENERATION")
 
 pytestmark = pytest.mark.torchao  # skipped where no torchao is installed (conftest)
@@ -45,7 +48,7 @@ pytestmark = pytest.mark.torchao  # skipped where no torchao is installed (conft
 def _expected_key() -> str:
     if EXPECT_GENERATION:
         return EXPECT_GENERATION
-    match = probes.match_generation(INSTALLED)
+    match = matching.match_generation(INSTALLED)
     assert match.bound is not None, match.reasons
     return match.bound.generation.key
 
@@ -60,9 +63,9 @@ def native(key, monkeypatch):
     """resolve("native", device="cpu") with the wheel's sm_100 kernels replaced by stand-ins."""
     if key not in sm100_standins.RELEASES:
         pytest.skip(f"torchao {key} has no native path (see test_013_native_is_unavailable)")
-    probes.import_problem()  # import torchao before patching its modules
+    environment.import_problem()  # import torchao before patching its modules
     sm100_standins.install(monkeypatch, key)
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
     return resolve("native", device="cpu")
 
 
@@ -143,9 +146,9 @@ def test_native_resolves_to_the_expected_row_through_the_wheel(native, key):
 def test_native_forward_backward_matches_the_reference(key, monkeypatch, shape, out_dtype, wgrad_with_hp):
     if key not in sm100_standins.RELEASES:
         pytest.skip(f"torchao {key} has no native path")
-    probes.import_problem()
+    environment.import_problem()
     sm100_standins.install(monkeypatch, key)
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
     res = resolve("native", device="cpu", wgrad_with_hp=wgrad_with_hp)
     assert res.backend == "mxfp8" and res.generation.key == key, res.reasons
     rows, k, n = ALIGNED[shape]
@@ -197,9 +200,9 @@ def test_unaligned_groups_run_natively(native):
 def test_013_native_is_unavailable(key, monkeypatch):
     if key != "0.13":
         pytest.skip("only 0.13 lacks a native path")
-    assert probes.import_problem() is None  # import torchao before CUDA is faked (its import would probe the driver)
+    assert environment.import_problem() is None  # import torchao before CUDA is faked (its import would probe the driver)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(probes, "device_capability", lambda device: (10, 0))
+    monkeypatch.setattr(environment, "device_capability", lambda device: (10, 0))
     with pytest.raises(MXFP8Unavailable, match="always emulated"):
         resolve("native", device="cuda:0")
 
@@ -232,9 +235,9 @@ def test_018_native_rejects_k_and_n_not_multiples_of_128_cleanly(key, monkeypatc
     "auto", before any kernel (the shape check reads the row's shape_multiple)."""
     if key != "0.18":
         pytest.skip("only 0.18+'s native kernels need K and N multiples of 128")
-    probes.import_problem()
+    environment.import_problem()
     sm100_standins.install(monkeypatch, key)
-    monkeypatch.setattr(probes, "native_kernel_problem", lambda bound, device: None)
+    monkeypatch.setattr(environment, "native_kernel_problem", lambda bound, device: None)
     problem = make_problem(group_rows=(128, 128), k=96, n=96)
     with pytest.raises(ValueError, match="128"):
         _run(resolve("native", device="cpu"), problem, torch.bfloat16)

@@ -6,6 +6,7 @@
     print(grouped_mm.backend, grouped_mm.reasons)
 
 See README.md for the contract and docs/reference.md for the modes, the adapter table and the numerics.
+This module holds public names only; where each concern lives: docs/reference.md, "Where things are".
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 _EXPORTS = {
     "select_grouped_mm": "dropin",
     "MXFP8Unavailable": "errors",
-    "GENERATIONS": "generations",
-    "Generation": "generations",
+    "GENERATIONS": "providers.table",
+    "Generation": "providers.table",
     "as_grouped_mm_weight": "layout",
     "expert_weight": "layout",
     "expert_weight_from_kn": "layout",
@@ -34,9 +35,9 @@ _EXPORTS = {
     "state_dict_from_expert_layout": "layout",
     "state_dict_to_expert_layout": "layout",
     "weight_relayout": "layout",
-    "sqnr_db": "metrics",
-    "ScaleMode": "quantize",
-    "mxfp8_grouped_mm_reference": "reference",
+    "sqnr_db": "numerics.metrics",
+    "ScaleMode": "numerics.quantize",
+    "mxfp8_grouped_mm_reference": "numerics.reference",
     "Resolution": "resolution",
     "resolve": "resolution",
     "reset": "resolution",
@@ -48,7 +49,7 @@ _EXPORTS = {
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .dropin import select_grouped_mm
     from .errors import MXFP8Unavailable
-    from .generations import GENERATIONS, Generation
+    from .providers.table import GENERATIONS, Generation
     from .layout import (
         as_grouped_mm_weight,
         expert_weight,
@@ -59,9 +60,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         state_dict_to_expert_layout,
         weight_relayout,
     )
-    from .metrics import sqnr_db
-    from .quantize import ScaleMode
-    from .reference import mxfp8_grouped_mm_reference
+    from .numerics.metrics import sqnr_db
+    from .numerics.quantize import ScaleMode
+    from .numerics.reference import mxfp8_grouped_mm_reference
     from .resolution import Resolution, reset, resolve
     from .token_groups import TokenGroupPadding, pad_token_groups, unpad_token_groups
 

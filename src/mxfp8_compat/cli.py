@@ -1,5 +1,8 @@
 """``python -m mxfp8_compat`` (or the console script ``mxfp8-compat``): report what resolves here, as text or JSON.
 
+The report itself (:func:`environment_report`, one JSON-ready dict) is here too: the CLI prints it,
+the compat-matrix records (``tools/mxfp8_compat_dev/matrix.py``) store it.
+
 Exit status 0 when the requested mode (default auto) resolves, 1 when it does not, so a
 downstream CI can run ``python -m mxfp8_compat --mode native || ...``; 2 for a usage error.
 Arguments are parsed before torch is imported: ``--help`` and usage errors answer at once.
@@ -13,9 +16,13 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Optional, Sequence, TextIO
+import platform
+from typing import TYPE_CHECKING, Any, Optional, Sequence, TextIO, Union
 
-__all__ = ["main", "format_report", "build_parser"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["main", "format_report", "build_parser", "environment_report", "verdict"]
 
 # resolution.MODES, spelled out so that parsing imports no torch (tests/test_cli.py keeps them equal)
 MODES = ("auto", "native", "emulated", "off")
@@ -80,8 +87,6 @@ def format_report(report: dict[str, Any], *, colour: bool = False) -> str:
         for reason in entry["reasons"]:
             lines.append(f"             - {reason}")
     lines.append("")
-    from .report import verdict
-
     lines.append(f"verdict: {verdict(report)}")
     return "\n".join(lines)
 
@@ -119,8 +124,7 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None, 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
 
-    from .report import environment_report  # imports torch: only after the arguments parsed
-
+    # environment_report imports torch: only after the arguments parsed
     logging.getLogger("mxfp8_compat").addHandler(logging.NullHandler())
     logging.getLogger("mxfp8_compat").propagate = False
     try:
@@ -133,3 +137,94 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None, 
     else:
         stdout.write(format_report(report, colour=stdout.isatty()) + "\n")
     return 0 if report["modes"][args.mode]["ok"] else 1
+
+
+# --- the environment report: what resolves here for every mode, as one JSON-ready dict -----------
+# (the CLI's text and JSON, and the compat-matrix records). Imports torch inside, on first use.
+
+
+def _torchao_location() -> Optional[str]:
+    module = sys.modules.get("torchao")
+    return getattr(module, "__file__", None) if module is not None else None
+
+
+def _mode_entry(
+    mode: str, device: "torch.device", validate: bool, provider: Optional[str] = None, isolate: Optional[bool] = None
+) -> dict[str, Any]:
+    from .errors import MXFP8Unavailable
+    from .resolution import resolve
+
+    try:
+        resolution = resolve(mode, device=device, validate=validate, provider=provider, isolate=isolate)
+    except MXFP8Unavailable as error:
+        return {"ok": False, "backend": None, "generation": None, "emulation": None,
+                "reasons": list(error.reasons), "smoke_sqnr_db": None, "provider": None}
+    return {
+        "ok": True,
+        "backend": resolution.backend,
+        "generation": resolution.generation.key if resolution.generation else None,
+        "emulation": resolution.emulation,
+        "reasons": list(resolution.reasons),
+        "smoke_sqnr_db": resolution.smoke_sqnr_db,
+        "provider": resolution.provider,
+    }
+
+
+def environment_report(
+    device: "Union[str, torch.device, None]" = None, validate: bool = False, isolate: Optional[bool] = None
+) -> dict[str, Any]:
+    """Resolve every mode on ``device`` and describe the environment.
+
+    ``isolate`` is resolve()'s (None: ``MXFP8_COMPAT_ISOLATE``); the CLI passes True, so that
+    the one tool meant to explain a crashing torchao survives it.
+
+    Keys: ``python``, ``platform``, ``torch_version``, ``torchao_version``,
+    ``torchao_location``, ``device``, ``device_name``, ``capability``, ``generation``
+    (row matched, or None), ``generation_reasons``, and ``modes`` mapping each mode to
+    ``{ok, backend, generation, emulation, reasons, smoke_sqnr_db, provider}``, and ``providers``
+    mapping each native MXFP8 provider ("torchao", "torch") to its ``native`` verdict, same keys.
+    """
+    import torch
+
+    from .probes import environment
+    from .providers.match import match_generation
+    from .resolution import MODES as RESOLVE_MODES, PROVIDERS, normalise_device
+
+    resolved_device = normalise_device(device)
+    modes = {mode: _mode_entry(mode, resolved_device, validate, isolate=isolate) for mode in RESOLVE_MODES}
+    providers = {
+        name: _mode_entry("native", resolved_device, validate, provider=name, isolate=isolate) for name in PROVIDERS
+    }
+    torchao_version = environment.installed_torchao_version()
+    match = match_generation(torchao_version) if torchao_version and "torchao.prototype.moe_training" in sys.modules else None
+    capability = environment.device_capability(resolved_device)
+    if resolved_device.type == "cuda":
+        device_name = torch.cuda.get_device_name(resolved_device)
+    else:
+        device_name = platform.processor() or platform.machine() or "cpu"
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_version": torch.__version__,
+        "torchao_version": torchao_version,
+        "torchao_location": _torchao_location(),
+        "device": str(resolved_device),
+        "device_name": device_name,
+        "capability": list(capability) if capability else None,
+        "generation": match.bound.generation.key if match and match.bound else None,
+        "generation_reasons": list(match.reasons) if match else [],
+        "modes": modes,
+        "providers": providers,
+    }
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One line: the fastest path that resolves here."""
+    auto = report["modes"]["auto"]
+    if auto["backend"] == "mxfp8" and auto.get("provider") == "torch":
+        return f"native MXFP8 (torch {report['torch_version']}'s own grouped GEMM, mxfp8_compat's quantisers) is active"
+    if auto["backend"] == "mxfp8":
+        return f"native MXFP8 (torchao {report['torchao_version']}, generation {auto['generation']}) is active"
+    emulated = report["modes"]["emulated"]
+    tail = "emulated MXFP8 available for numerics checks" if emulated["ok"] else "emulated MXFP8 unavailable"
+    return f"bf16 grouped GEMM in auto mode ({tail})"

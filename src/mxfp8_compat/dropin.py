@@ -14,8 +14,8 @@ import warnings
 
 import torch
 
-from .backends import GroupedMM
-from .resolution import _fallback_log, resolve
+from .contract import GroupedMM
+from .resolution import _fallback_log, on_reset, resolve
 
 __all__ = ["select_grouped_mm", "forget_warning", "ACTIVE_MESSAGE", "FALLBACK_MESSAGE"]
 
@@ -37,6 +37,7 @@ _announced = False
 _warn_lock = threading.Lock()
 
 
+@on_reset
 def forget_warning() -> None:
     """Let the next ``select_grouped_mm(True)`` warn (or announce) again (``reset()`` calls this)."""
     global _warned, _announced

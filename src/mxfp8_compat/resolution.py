@@ -4,11 +4,11 @@ Modes:
   ``auto``      native MXFP8 when every probe passes, else bf16 (reasons logged once).
   ``native``    native MXFP8 or :class:`MXFP8Unavailable` listing every reason.
   ``emulated``  MXFP8 numerics without the sm_100 kernel: torchao's own emulation where the
-                installed generation has one (0.13, 0.16+), else mxfp8_compat's reference.
+                installed generation has one (its row's ``emulation``), else mxfp8_compat's reference.
   ``off``       bf16: ``torch._grouped_mm`` itself.
 
 Native MXFP8 has two providers: torchao's native path, and torch's own MXFP8 grouped GEMM fed by
-mxfp8_compat's quantisers (:mod:`mxfp8_compat.torch_native`). ``provider`` picks one; by default
+mxfp8_compat's quantisers (:mod:`mxfp8_compat.backends.torch_native`). ``provider`` picks one; by default
 ``auto`` and ``native`` take torchao's when it passes its probes, else torch's.
 """
 
@@ -25,14 +25,16 @@ from typing import Callable, Literal, Optional, Union, get_args
 
 import torch
 
-from . import probes
-from .backends import GroupedMM, log_once, make_bf16, make_mxfp8, reference_call
+from .backends.fast_emulation import fast_call, fast_emulation_problem
+from .backends.grouped_mm import clear_log_once, log_once, make_bf16, make_mxfp8, reference_call
+from .backends.torchao_paths import smoke_torchao_path
+from .contract import GroupedMM
 from .errors import MXFP8Unavailable
-from .fast_emulation import fast_call, fast_emulation_problem
-from .generations import Generation
-from .isolation import ISOLATE_ENV_VAR, forget_session_verdicts, isolated_problem, isolation_requested
-from .highprec import grouped_mm_support
-from .quantize import DEFAULT_SCALE_MODE, ScaleMode
+from .numerics.quantize import DEFAULT_SCALE_MODE, ScaleMode
+from .probes import environment, smoke as smoke_probe
+from .probes.isolated import ISOLATE_ENV_VAR, forget_session_verdicts, isolated_problem, isolation_requested
+from .providers import match as matching
+from .providers.schema import Generation
 
 __all__ = [
     "Mode",
@@ -46,6 +48,7 @@ __all__ = [
     "MODE_ENV_VAR",
     "PROVIDER_ENV_VAR",
     "PROVIDERS",
+    "on_reset",
 ]
 
 Mode = Literal["auto", "native", "emulated", "off"]
@@ -76,7 +79,7 @@ class Resolution:
             ``"reference"``.
         group_alignment: the multiple of rows every token group (and M) needs for ``fn`` to
             pad nothing: 1 for bf16 and the reference, 32 for torchao's MXFP8 paths, 128
-            for 0.18+'s native kernel. Any group sizes work; a dispatcher that pads to this
+            where a row's native kernel asks it (its ``group_multiple``). Any group sizes work; a dispatcher that pads to this
             while it permutes tokens anyway passes ``groups_aligned=True`` and saves a pass.
         provider: whose native MXFP8 kernel runs, ``"torchao"`` or ``"torch"``; None when none
             does (bf16, emulation).
@@ -134,19 +137,26 @@ _epoch = 0
 
 def reset() -> None:
     """Forget every cached Resolution, every once-only log and warning (tests need a clean slate)."""
-    from .backends import clear_log_once
-    from .dropin import forget_warning
-
     global _environment_snapshot, _epoch
     with _key_locks_guard:
         _epoch += 1
         _cache.clear()
         _key_locks.clear()
         _environment_snapshot = None
-    clear_log_once()
-    forget_warning()
-    forget_session_verdicts()
-    probes.clear_caches()
+    for hook in tuple(_reset_hooks):
+        hook()
+
+
+#: What reset() clears besides the cache, in order. A module that keeps once-per-process state
+#: registers its own hook (:func:`on_reset`) rather than being imported by this one.
+_reset_hooks: list[Callable[[], None]] = [clear_log_once, forget_session_verdicts, environment.clear_caches]
+
+
+def on_reset(hook: Callable[[], None]) -> Callable[[], None]:
+    """Have ``reset()`` call ``hook()`` too (once per registration); returns ``hook``."""
+    if hook not in _reset_hooks:
+        _reset_hooks.append(hook)
+    return hook
 
 
 def resolve(
@@ -170,7 +180,7 @@ def resolve(
         validate: also check ``offs`` values (non-decreasing, ``offs[-1] == M``, group
             alignment) on every call, which costs a device sync on a GPU.
         wgrad_with_hp: keep the weight-gradient GEMM in high precision where the torchao
-            generation supports it (0.16+) and in the reference emulation. Default True:
+            generation supports it (its row's ``wgrad_with_hp``) and in the reference emulation. Default True:
             it avoids NaN weight gradients from saturating e8m0 scales, for the price of
             one bf16 GEMM in backward.
         isolate: import torchao and run the smoke runs in a subprocess first (a torch/torchao
@@ -352,30 +362,30 @@ class _Context:
     wgrad_with_hp: bool
     isolate: bool = False
     torchao_version: Optional[str] = None
-    match: Optional[probes.GenerationMatch] = None
+    match: Optional[matching.GenerationMatch] = None
     torchao_reasons: tuple[str, ...] = ()
     bf16: Optional[GroupedMM] = None
     bf16_reasons: tuple[str, ...] = ()
 
 
 def _probe_torchao(ctx: _Context, mode: Mode) -> None:
-    ctx.torchao_version = probes.installed_torchao_version()
+    ctx.torchao_version = environment.installed_torchao_version()
     if ctx.torchao_version is None:
         ctx.torchao_reasons = ("torchao is not installed",)
         return
     problem = None
     if ctx.isolate:  # a crash in the import or in this mode's smoke runs must not reach this process
         problem = isolated_problem(ctx.torchao_version, ctx.device, mode)
-    problem = problem or probes.import_problem()
+    problem = problem or environment.import_problem()
     if problem is not None:
         ctx.torchao_reasons = (f"torchao {ctx.torchao_version} is installed but unusable: {problem}",)
         return
-    ctx.match = probes.match_generation(ctx.torchao_version)
+    ctx.match = matching.match_generation(ctx.torchao_version)
     ctx.torchao_reasons = ctx.match.reasons
 
 
 def _probe_bf16(ctx: _Context) -> None:
-    problem = probes.grouped_mm_problem(ctx.device)
+    problem = environment.grouped_mm_problem(ctx.device)
     ctx.bf16 = make_bf16(validate=ctx.validate, use_loop=problem is not None)
     ctx.bf16_reasons = (problem,) if problem else ()
 
@@ -402,7 +412,7 @@ def _resolve_uncached(
     if ruled_out is not None:
         pass
     elif provider == "torch" and mode != "emulated":
-        ctx.torchao_version = probes.installed_torchao_version()  # reported, never imported
+        ctx.torchao_version = environment.installed_torchao_version()  # reported, never imported
     else:
         _probe_torchao(ctx, mode)
     if mode == "emulated":
@@ -437,10 +447,10 @@ def _native_ruled_out(ctx: _Context) -> Optional[tuple[str, ...]]:
     A CPU, or a CUDA device whose capability is not 10.x, runs no torchao release's native
     kernel: importing torchao there would cost seconds (and its import noise) to learn nothing.
     """
-    problem = probes.native_device_problem(ctx.device)
+    problem = environment.native_device_problem(ctx.device)
     if problem is None:
         return None
-    ctx.torchao_version = probes.installed_torchao_version()
+    ctx.torchao_version = environment.installed_torchao_version()
     if ctx.torchao_version is None:
         return ("torchao is not installed", problem)
     return (f"{problem}; torchao {ctx.torchao_version} is installed but was not imported (no release has a native kernel for this device)",)
@@ -462,27 +472,16 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
         return ctx.torchao_reasons or ("no torchao generation matched",)
     bound = ctx.match.bound
     generation = bound.generation
-    problem = probes.native_kernel_problem(bound, ctx.device)
+    problem = environment.native_kernel_problem(bound, ctx.device)
     if problem is not None:
         return ctx.torchao_reasons + (problem,)
     notes = _wgrad_notes(generation, ctx.wgrad_with_hp)
     wgrad_with_hp = ctx.wgrad_with_hp and generation.wgrad_with_hp
-    fn = make_mxfp8(
-        bound.bind("native", wgrad_with_hp),
-        validate=ctx.validate,
-        contiguous_grad=True,
-        bf16_operands=True,
-        group_alignment=generation.group_multiple["native"],
-        shape_multiple=generation.shape_multiple["native"],
-        shape_fallback=shape_fallback,
-        label=f"torchao {generation.key} native MXFP8",
-        # torch._scaled_grouped_mm emits bf16 only ("Only bf16 high precision output types are
-        # supported for grouped gemm"): float32 output is the bf16 output upcast.
-        float32_out=False,
+    fn, smoke_result = smoke_torchao_path(
+        bound, "native", ctx.device, wgrad_with_hp=wgrad_with_hp, validate=ctx.validate, shape_fallback=shape_fallback
     )
-    smoke = probes.smoke_run(fn, ctx.device, scale_mode=generation.scale_mode, wgrad_with_hp=wgrad_with_hp, exact=False)
-    if smoke.problem is not None:
-        return ctx.torchao_reasons + (f"native MXFP8 of torchao {generation.key} failed its smoke run: {smoke.problem}",)
+    if smoke_result.problem is not None:
+        return ctx.torchao_reasons + (f"native MXFP8 of torchao {generation.key} failed its smoke run: {smoke_result.problem}",)
     return _resolution(
         ctx,
         fn=fn,
@@ -490,14 +489,14 @@ def _try_native(ctx: _Context, shape_fallback: Optional[GroupedMM]) -> Union[Res
         generation=generation,
         reasons=ctx.torchao_reasons + notes,
         mode="native" if shape_fallback is None else "auto",
-        smoke_sqnr_db=smoke.sqnr_out_db,
+        smoke_sqnr_db=smoke_result.sqnr_out_db,
         group_alignment=generation.group_multiple["native"],
     )
 
 
 def _try_torch_native(ctx: _Context, mode: Mode, shape_fallback: Optional[GroupedMM]) -> Union[Resolution, tuple[str, ...]]:
-    """torch's own MXFP8 grouped GEMM (:mod:`mxfp8_compat.torch_native`), or every reason it is unavailable."""
-    from . import torch_native  # imports torch._dynamo (seconds): only where a native kernel may run
+    """torch's own MXFP8 grouped GEMM (:mod:`mxfp8_compat.backends.torch_native`), or every reason it is unavailable."""
+    from .backends import torch_native  # imports torch._dynamo (seconds): only where a native kernel may run
     found = torch_native.resolve_torch_native(
         ctx.device, validate=ctx.validate, wgrad_with_hp=ctx.wgrad_with_hp, shape_fallback=shape_fallback
     )
@@ -519,7 +518,7 @@ def _wgrad_notes(generation: Generation, wgrad_with_hp: bool) -> tuple[str, ...]
     if wgrad_with_hp and not generation.wgrad_with_hp:
         return (
             f"torchao {generation.key} cannot keep the weight-gradient GEMM in high precision "
-            "(wgrad_with_hp needs 0.16+): weight gradients are MXFP8",
+            "(its entry has no wgrad_with_hp): weight gradients are MXFP8",
         )
     return ()
 
@@ -542,7 +541,7 @@ def _try_fast_emulation(ctx: _Context, scale_mode: ScaleMode, bound: object) -> 
         shape_fallback=None,
         label="fast emulated MXFP8",
     )
-    smoke = probes.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=ctx.wgrad_with_hp, exact=True)
+    smoke = smoke_probe.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=ctx.wgrad_with_hp, exact=True)
     if smoke.problem is not None:
         return (f"mxfp8_compat's fast MXFP8 emulation failed its smoke run: {smoke.problem}",)
     return _resolution(
@@ -572,19 +571,8 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
         scale_mode = generation.scale_mode
         if generation.emulation == "torchao":
             wgrad_with_hp = ctx.wgrad_with_hp and generation.wgrad_with_hp
-            fn = make_mxfp8(
-                bound.bind("emulated", wgrad_with_hp),
-                validate=ctx.validate,
-                contiguous_grad=True,
-                bf16_operands=True,
-                group_alignment=generation.group_multiple["emulated"],
-                shape_multiple=generation.shape_multiple["emulated"],
-                shape_fallback=None,
-                label=f"torchao {generation.key} emulated MXFP8",
-                float32_out=grouped_mm_support(ctx.device.type, torch.bfloat16)[1],
-            )
-            smoke = probes.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=wgrad_with_hp, exact=True)
-            if smoke.problem is None:
+            fn, smoke_result = smoke_torchao_path(bound, "emulated", ctx.device, wgrad_with_hp=wgrad_with_hp, validate=ctx.validate)
+            if smoke_result.problem is None:
                 return _resolution(
                     ctx,
                     fn=fn,
@@ -592,11 +580,11 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
                     generation=generation,
                     reasons=tuple(reasons) + _wgrad_notes(generation, ctx.wgrad_with_hp),
                     mode="emulated",
-                    smoke_sqnr_db=smoke.sqnr_out_db,
+                    smoke_sqnr_db=smoke_result.sqnr_out_db,
                     emulation="torchao",
                     group_alignment=generation.group_multiple["emulated"],
                 )
-            reasons.append(f"torchao {generation.key}'s emulated MXFP8 failed its smoke run: {smoke.problem}")
+            reasons.append(f"torchao {generation.key}'s emulated MXFP8 failed its smoke run: {smoke_result.problem}")
         else:
             reasons.append(
                 f"torchao {generation.key} has no emulated MXFP8 path (its forward always runs sm_100 kernels)"
@@ -610,7 +598,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
         shape_fallback=None,
         label="reference emulated MXFP8",
     )
-    smoke = probes.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=ctx.wgrad_with_hp, exact=True)
+    smoke = smoke_probe.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=ctx.wgrad_with_hp, exact=True)
     if smoke.problem is not None:
         raise MXFP8Unavailable("emulated", tuple(reasons) + (f"the reference emulation failed its smoke run: {smoke.problem}",))
     resolution = _resolution(

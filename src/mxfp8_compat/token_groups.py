@@ -25,7 +25,7 @@ says to what) and then promise it with ``groups_aligned=True``, which skips this
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+
 
 import torch
 
@@ -174,13 +174,13 @@ _TRITON_KERNELS: dict[str, object] = {}
 
 
 def _triton_kernel(name: str):  # type: ignore[no-untyped-def]
-    """The Triton launcher ``name`` from :mod:`._token_group_kernels`, or None without (working) triton.
+    """The Triton launcher ``name`` from :mod:`.kernels.token_groups`, or None without (working) triton.
 
     Imported on first CUDA use only: importing mxfp8_compat never imports triton.
     """
     if name not in _TRITON_KERNELS:
         try:
-            from . import _token_group_kernels
+            from .kernels import token_groups as _token_group_kernels
 
             _TRITON_KERNELS[name] = getattr(_token_group_kernels, name)
         except Exception:  # noqa: BLE001 - no (working) triton: the portable torch version serves

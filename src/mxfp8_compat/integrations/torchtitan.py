@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..backends import log_once
+from ..backends.grouped_mm import log_once
 from ..token_groups import TokenGroupPadding, pad_with, token_group_padding, unpad_token_groups
 from ._resolving import checked_mode, resolution_for
 
