@@ -11,15 +11,11 @@ import logging
 
 import pytest
 import torch
-from packaging.specifiers import SpecifierSet
 
 import fakes
 from conftest import float64_reference, make_problem, run_with_grads
-from mxfp8_compat import GENERATIONS, MXFP8Unavailable, ScaleMode, resolve, sqnr_db
+from mxfp8_compat import GENERATIONS, MXFP8Unavailable, resolve, sqnr_db
 from mxfp8_compat.probes import environment
-from mxfp8_compat.providers import match as matching
-from mxfp8_compat import Generation
-from mxfp8_compat.providers.torchao_013_015 import apply_forward_params, bind_scaling_type, positional_prefix
 
 SHAPES = {
     "0.18.0": ("0.18", fakes.GEN_018, "torchao"),
@@ -180,31 +176,6 @@ def test_the_015_apply_alias_fails_in_backward_with_all_its_arguments(fake_torch
     out = module._to_mxfp8_then_scaled_grouped_mm(problem.A, B_t, problem.offs, 32, torch.bfloat16, False, False, rceil)
     with pytest.raises(RuntimeError, match=r"incorrect number of gradients \(expected 8, got 6\)"):
         out.sum().backward()
-
-
-def test_positional_only_row_rejects_a_reused_slot(fake_torchao):
-    """The positional-only fingerprint (written for 0.15's alias, which no row binds now) pins every slot."""
-    row = Generation(
-        key="0.15-apply",
-        versions=SpecifierSet(">=0.15.0.dev0,<0.16.0.dev0", prereleases=True),
-        entry_points=(("torchao.prototype.moe_training.scaled_grouped_mm", "_to_mxfp8_then_scaled_grouped_mm"),),
-        fingerprint=("A", "B_t", "offs", "block_size", "out_dtype"),
-        params=apply_forward_params,
-        fingerprint_rule=positional_prefix,
-        bind=bind_scaling_type,
-        native=True,
-        emulation="reference",
-        scale_mode=ScaleMode.RCEIL,
-        wgrad_with_hp=False,
-    )
-    fake_torchao("0.15.0", fakes.GEN_015)
-    assert matching.match_generation("0.15.0", table=(row,)).bound is not None
-    fakes.purge_torchao_modules()
-    reused = {k: v.replace("block_size=32, out_dtype", "bias=None, out_dtype") for k, v in fakes.GEN_015.items()}
-    fake_torchao("0.15.0", reused)
-    match = matching.match_generation("0.15.0", table=(row,))
-    assert match.bound is None
-    assert any("positional parameters" in reason for reason in match.reasons), match.reasons
 
 
 @pytest.mark.parametrize("fake_mode, verdict", [("garbage", "SQNR check"), ("nan", "non-finite")])
