@@ -6,7 +6,7 @@
     print(grouped_mm.backend, grouped_mm.reasons)
 
 See README.md for the contract and docs/reference.md for the modes, the adapter table and the numerics.
-This module holds public names only; where each concern lives: docs/reference.md, "Where things are".
+This module holds public names only; where each concern lives: docs/reference.md, "Layout".
 """
 
 from __future__ import annotations
