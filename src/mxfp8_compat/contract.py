@@ -139,8 +139,8 @@ def mxfp8_shape_problem(A: torch.Tensor, B: torch.Tensor, multiple: int = BLOCK_
     """Why this (already valid) call cannot run in MXFP8, from metadata alone; None when it can.
 
     K and N must be multiples of the block size (scales cover blocks of 32 along K in forward
-    and along N in the input-gradient GEMM); some kernels need a larger ``multiple`` (0.18+'s
-    native quantiser asserts ``K % 128 == 0`` and, for the gradient, ``N % 128 == 0``).
+    and along N in the input-gradient GEMM); some kernels need a larger ``multiple`` (a row's
+    ``shape_multiple``: a native quantiser may assert ``K % 128 == 0`` and, for the gradient, ``N % 128 == 0``).
     """
     K, N = B.shape[1], B.shape[2]
     if K % multiple:

@@ -1,7 +1,7 @@
 """Token-group padding without a host sync: any group sizes reach kernels that need aligned ones.
 
 MoE routing gives each expert any number of tokens (0, 1, 37, ...). torchao's MXFP8 kernels
-need every group's size to be a multiple of an alignment (32; 128 for 0.18+'s native
+need every group's size to be a multiple of an alignment (a row's ``group_multiple``: 32, or 128 for a native
 kernel), and a wrong size is a wrong result, an illegal memory access or a device-side
 assert that kills the process. Reading ``offs`` on the host to check would cost a device
 sync on every call, so the MXFP8 callables pad instead, entirely on the device, the way MoE
@@ -46,8 +46,8 @@ def padded_rows_bound(rows: int, groups: int, alignment: int) -> int:
     """Rows of a buffer that holds ``rows`` tokens in ``groups`` groups, each padded to ``alignment``.
 
     ``round_up(rows + groups * (alignment - 1), alignment)``: every group adds fewer than
-    ``alignment`` padding rows, and the total is itself a multiple of ``alignment`` (0.18's
-    native quantiser asserts ``M % 128 == 0``). Known on the host, so no sync.
+    ``alignment`` padding rows, and the total is itself a multiple of ``alignment`` (a native
+    quantiser may assert ``M % 128 == 0``). Known on the host, so no sync.
     """
     if alignment <= 1:
         return rows
