@@ -8,7 +8,7 @@ Variants, each ``torch.autograd.grad(fn(A, B, offs), (A, B), grad_out)`` with bf
 B (E, K, N) stored per-group column-major (``weight_relayout``) and equal token groups:
 
   bf16        torch._grouped_mm (its own autograd)
-  fast        mxfp8_compat.fast_emulation.fast_mxfp8_grouped_mm (RCEIL, wgrad_with_hp=True)
+  fast        mxfp8_compat.backends.fast_emulation.fast_mxfp8_grouped_mm (RCEIL, wgrad_with_hp=True)
   fast-requant  the same, B quantised along N again in backward instead of kept from forward
   torchao     torchao's _to_mxfp8_then_scaled_grouped_mm, KernelPreference.EMULATED, wgrad_with_hp=True
               (0.16+, where installed)

@@ -1,6 +1,6 @@
 """mxfp8_compat's quantisers for torch's MXFP8 grouped GEMM, bit for bit against independent constructions.
 
-Each output is compared with the reference quantiser (:func:`mxfp8_compat.quantize.mx_quantize`, RCEIL) for
+Each output is compared with the reference quantiser (:func:`mxfp8_compat.numerics.quantize.mx_quantize`, RCEIL) for
 data and exponents and with torch's own ``to_blocked`` for the scale layout, per group, placed where
 MSLK's grouped kernel looks for it (``tests/support/torch_blocked.py``). On the CPU the Triton kernels run in
 triton's interpreter; with ``@pytest.mark.cuda`` the same checks run on the GPU, on both conversion

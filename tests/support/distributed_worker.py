@@ -149,7 +149,7 @@ class Recorder:
         return self.fn(A, B, offs, **kwargs)
 
 
-_REAL_RELAYOUT = mxfp8_compat.backends.weight_relayout
+_REAL_RELAYOUT = mxfp8_compat.backends.grouped_mm.weight_relayout
 
 
 def count_relayouts() -> list[int]:

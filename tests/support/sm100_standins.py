@@ -8,7 +8,7 @@ kernel ``mxfp8_quantize_cuda`` is replaced beneath it).
 
 The stand-ins compute real MXFP8:
 
-* quantisers use :func:`mxfp8_compat.reference.mx_quantize` with the scale rule they are given (the
+* quantisers use :func:`mxfp8_compat.numerics.quantize.mx_quantize` with the scale rule they are given (the
   same string the real kernel gets, so a wrong rule changes the bits), and return the layouts the real
   kernels return (e.g. column-major-per-expert data from the 3D quantiser);
 * scales stay in their natural layout (one e8m0 per 32 elements along the contraction dimension), so

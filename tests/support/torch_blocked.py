@@ -7,7 +7,7 @@ code, not a copy in this repository.
 
 The expected operands are built with nothing of :mod:`mxfp8_compat.backends.torch_native`: groups from ``offs``
 with plain Python, data and exponents from the reference quantiser
-(:func:`mxfp8_compat.quantize.mx_quantize`), per-group scale blocks from ``to_blocked``, placed at the
+(:func:`mxfp8_compat.numerics.quantize.mx_quantize`), per-group scale blocks from ``to_blocked``, placed at the
 offsets MSLK's ``mx8mx8bf16_grouped`` computes (``shared/torch-scaled-grouped-mm.md``).
 """
 
