@@ -153,3 +153,88 @@ def test_double_backward_through_mxfp8_is_a_clear_error(mode):
     with pytest.raises(RuntimeError, match=r"double backward .* is not supported") as raised:
         _second_order(fn, p)
     assert "MXFP8" in str(raised.value)
+
+
+# --- torch.func: torch's own in bf16, one clear refusal in every MXFP8 backend ---------------------
+
+
+def _func_transforms(fn, p):
+    """torch.func.grad, vjp and vmap of one call: what each returns."""
+    A, B = p.A.detach(), p.B.detach()
+    grad_A = torch.func.grad(lambda a: fn(a, B, p.offs).float().mul(p.grad_out.float()).sum())(A)
+    _, vjp = torch.func.vjp(lambda a, b: fn(a, b, p.offs), A, B)
+    batched = torch.func.vmap(lambda a: fn(a, B, p.offs))(torch.stack([A, A.flip(1)]))
+    return grad_A, vjp(p.grad_out), batched
+
+
+def test_torch_func_in_bf16_is_torchs():
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
+    fn = resolve("off", device="cpu")
+    if fn.backend != "bf16" or not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no bf16 grouped GEMM here")
+    try:
+        expected = _func_transforms(lambda A, B, offs: torch._grouped_mm(A, B, offs=offs), p)
+    except RuntimeError as error:
+        pytest.skip(f"torch {torch.__version__}'s torch._grouped_mm does not run under torch.func here: {error}")
+    for got, want in zip(torch.utils._pytree.tree_leaves(_func_transforms(fn, p)), torch.utils._pytree.tree_leaves(expected)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "vmap"])
+@pytest.mark.parametrize("mode", ["emulated", "native"])
+def test_torch_func_through_mxfp8_is_a_clear_error(mode, transform):
+    """Before: the reference's grad was refused as a "double backward", its vmap failed inside torch
+    ("does not have vmap support"), and torchao's Functions without setup_context failed otherwise."""
+    try:
+        fn = resolve(mode, device="cpu")
+    except mxfp8_compat.MXFP8Unavailable:
+        pytest.skip(f"no {mode} MXFP8 path here")
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
+    A, B = p.A.detach(), p.B.detach()
+    run = {
+        "grad": lambda: torch.func.grad(lambda a: fn(a, B, p.offs).float().sum())(A),
+        "vjp": lambda: torch.func.vjp(lambda a, b: fn(a, b, p.offs), A, B),
+        "vmap": lambda: torch.func.vmap(lambda a: fn(a, B, p.offs))(torch.stack([A, A])),
+    }[transform]
+    with pytest.raises(RuntimeError, match=r"torch\.func transforms .* are not supported") as raised:
+        run()
+    assert "MXFP8" in str(raised.value) and "resolve('off')" in str(raised.value)
+    assert torch.equal(fn(A, B, p.offs), fn(A, B, p.offs))  # and the backend still runs outside them
+
+
+# --- float32 operands: compiled as eager in bf16, the reference's numerics in emulated -------------
+
+
+def test_float32_operands_compile_in_bf16():
+    """Before: torch.compile failed inside torch's bf16-only meta kernel ("Expected inputs of BF16 type")."""
+    fn = resolve("off", device="cpu")
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64, dtype=torch.float32)
+    eager = _step(fn, p, lambda f, a, b: f(a, b))
+    torch._dynamo.reset()
+    compiled = _step(torch.compile(fn, backend="eager", fullgraph=True), p, lambda f, a, b: f(a, b))
+    assert compiled[0].dtype is torch.float32
+    for got, want in zip(compiled, eager):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.torchao
+def test_float32_operands_in_emulated_are_the_references_with_or_without_torchao(caplog):
+    """Before: torchao's emulation rounded float32 operands to bf16 first and landed 33 dB from the reference."""
+    res = resolve("emulated", device="cpu")
+    if res.emulation != "torchao":
+        pytest.skip(f"emulated here is {res.emulation}, not torchao's emulation")
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64, dtype=torch.float32)
+    generation = res.generation
+    reference = _step(
+        lambda A, B, offs: mxfp8_compat.mxfp8_grouped_mm_reference(
+            A, B, offs, torch.float32, scale_mode=generation.scale_mode, wgrad_with_hp=generation.wgrad_with_hp
+        ),
+        p,
+        lambda f, a, b: f(a, b),
+    )
+    with caplog.at_level("WARNING", logger="mxfp8_compat"):
+        got = _step(res, p, lambda f, a, b: f(a, b))
+    for x, y in zip(got, reference):
+        assert x.dtype is torch.float32 and torch.equal(x, y)
+    assert any("float32 operands run on the reference emulation" in r.getMessage() for r in caplog.records)

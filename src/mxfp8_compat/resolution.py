@@ -559,6 +559,18 @@ def _try_fast_emulation(ctx: _Context, scale_mode: ScaleMode, bound: object) -> 
     )
 
 
+def _reference_emulation(ctx: _Context, scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMM:
+    """The reference emulation as a backend: emulated mode's last resort, and float32 operands' path."""
+    return make_mxfp8(
+        reference_call(scale_mode, wgrad_with_hp),
+        validate=ctx.validate,
+        contiguous_grad=False,
+        group_alignment=1,
+        shape_fallback=None,
+        label="reference emulated MXFP8",
+    )
+
+
 def _resolve_emulated(ctx: _Context) -> Resolution:
     reasons: list[str] = list(ctx.torchao_reasons)
     bound = ctx.match.bound if ctx.match else None
@@ -576,7 +588,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
                 bound.bind("emulated", wgrad_with_hp),
                 validate=ctx.validate,
                 contiguous_grad=True,
-                bf16_operands=True,
+                float32_operands=_reference_emulation(ctx, scale_mode, wgrad_with_hp),
                 group_alignment=generation.group_multiple["emulated"],
                 shape_multiple=generation.shape_multiple["emulated"],
                 shape_fallback=None,
@@ -602,14 +614,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
                 f"torchao {generation.key} has no emulated MXFP8 path (its forward always runs sm_100 kernels)"
             )
     reasons.append(f"using mxfp8_compat's reference MXFP8 emulation ({scale_mode.value.upper()} scales)")
-    fn = make_mxfp8(
-        reference_call(scale_mode, ctx.wgrad_with_hp),
-        validate=ctx.validate,
-        contiguous_grad=False,
-        group_alignment=1,
-        shape_fallback=None,
-        label="reference emulated MXFP8",
-    )
+    fn = _reference_emulation(ctx, scale_mode, ctx.wgrad_with_hp)
     smoke = probes.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=ctx.wgrad_with_hp, exact=True)
     if smoke.problem is not None:
         raise MXFP8Unavailable("emulated", tuple(reasons) + (f"the reference emulation failed its smoke run: {smoke.problem}",))
