@@ -102,16 +102,12 @@ def variants(with_reference: bool) -> dict[str, Callable]:
 
 
 def fwd_bwd(fn: Callable, A, B, offs, grad):
-    direct = getattr(fn, "direct_launch", True)
-    if direct:
+    if getattr(fn, "direct_launch", True):
         return torch.autograd.grad(fn(A, B, offs), (A, B), grad)
     from mxfp8_compat import _kernel_launch
 
-    before, _kernel_launch.DIRECT_LAUNCH = _kernel_launch.DIRECT_LAUNCH, False
-    try:
+    with _kernel_launch.triton_launch():
         return torch.autograd.grad(fn(A, B, offs), (A, B), grad)
-    finally:
-        _kernel_launch.DIRECT_LAUNCH = before
 
 
 class Timer:

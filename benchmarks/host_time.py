@@ -71,11 +71,8 @@ def triton_launch(step: Callable[[], object]) -> Callable[[], object]:
     """``step`` with every kernel launched through triton's own launch (the direct launch off)."""
 
     def run() -> object:
-        before, _kernel_launch.DIRECT_LAUNCH = _kernel_launch.DIRECT_LAUNCH, False
-        try:
+        with _kernel_launch.triton_launch():
             return step()
-        finally:
-            _kernel_launch.DIRECT_LAUNCH = before
 
     return run
 

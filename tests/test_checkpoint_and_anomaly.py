@@ -19,6 +19,10 @@ from mxfp8_compat import resolve
 MODES = ["off", "emulated", "auto"]
 
 
+def _plain(f, a, b):
+    return f(a, b)
+
+
 def _step(fn, p, wrap):
     A = p.A.detach().clone().requires_grad_(True)
     B = p.B.detach().clone().requires_grad_(True)
@@ -32,7 +36,7 @@ def _step(fn, p, wrap):
 def test_checkpointed_call_equals_the_plain_call(mode, use_reentrant):
     p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
     fn = resolve(mode, device="cpu")
-    plain = _step(fn, p, lambda f, a, b: f(a, b))
+    plain = _step(fn, p, _plain)
     checkpointed = _step(fn, p, lambda f, a, b: checkpoint(f, a, b, use_reentrant=use_reentrant))
     for name, x, y in zip(("out", "grad_A", "grad_B"), plain, checkpointed):
         assert torch.equal(x[: 96], y[: 96]) if name != "grad_B" else torch.equal(x, y), name
@@ -64,7 +68,7 @@ def test_a_first_resolve_inside_a_checkpointed_region(mode, use_reentrant):
     out, grad_A, grad_B = _within(
         300, lambda: _step(None, p, lambda f, a, b: checkpoint(region, a, b, use_reentrant=use_reentrant))
     )
-    expected = _step(resolve(mode, device="cpu"), p, lambda f, a, b: f(a, b))
+    expected = _step(resolve(mode, device="cpu"), p, _plain)
     assert torch.equal(out[:96], expected[0][:96]) and torch.equal(grad_A[:96], expected[1][:96])
     assert torch.equal(grad_B, expected[2])
 
@@ -129,16 +133,23 @@ def _second_order(fn, p):
     return B.grad
 
 
-def test_double_backward_in_bf16_is_torchs():
+def _bf16_and_torchs(run, what: str):
+    """``run(fn, problem)`` through resolve("off") and through torch._grouped_mm itself (skipped where
+    this torch has no bf16 grouped GEMM, or its own op cannot do ``what``)."""
     p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
     fn = resolve("off", device="cpu")
     if fn.backend != "bf16" or not hasattr(torch, "_grouped_mm"):
         pytest.skip("no bf16 grouped GEMM here")
     try:
-        expected = _second_order(lambda A, B, offs: torch._grouped_mm(A, B, offs=offs), p)
+        expected = run(lambda A, B, offs: torch._grouped_mm(A, B, offs=offs), p)
     except RuntimeError as error:
-        pytest.skip(f"torch {torch.__version__} has no double backward for torch._grouped_mm here: {error}")
-    assert torch.equal(_second_order(fn, p), expected)
+        pytest.skip(f"torch {torch.__version__}'s torch._grouped_mm has no {what} here: {error}")
+    return run(fn, p), expected
+
+
+def test_double_backward_in_bf16_is_torchs():
+    got, expected = _bf16_and_torchs(_second_order, "double backward")
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("mode", ["emulated", "native"])
@@ -168,16 +179,9 @@ def _func_transforms(fn, p):
 
 
 def test_torch_func_in_bf16_is_torchs():
-    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
-    fn = resolve("off", device="cpu")
-    if fn.backend != "bf16" or not hasattr(torch, "_grouped_mm"):
-        pytest.skip("no bf16 grouped GEMM here")
-    try:
-        expected = _func_transforms(lambda A, B, offs: torch._grouped_mm(A, B, offs=offs), p)
-    except RuntimeError as error:
-        pytest.skip(f"torch {torch.__version__}'s torch._grouped_mm does not run under torch.func here: {error}")
-    for got, want in zip(torch.utils._pytree.tree_leaves(_func_transforms(fn, p)), torch.utils._pytree.tree_leaves(expected)):
-        assert torch.equal(got, want)
+    got, expected = _bf16_and_torchs(_func_transforms, "torch.func support")
+    for x, y in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected), strict=True):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("transform", ["grad", "vjp", "vmap"])
@@ -209,9 +213,9 @@ def test_float32_operands_compile_in_bf16():
     """Before: torch.compile failed inside torch's bf16-only meta kernel ("Expected inputs of BF16 type")."""
     fn = resolve("off", device="cpu")
     p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64, dtype=torch.float32)
-    eager = _step(fn, p, lambda f, a, b: f(a, b))
+    eager = _step(fn, p, _plain)
     torch._dynamo.reset()
-    compiled = _step(torch.compile(fn, backend="eager", fullgraph=True), p, lambda f, a, b: f(a, b))
+    compiled = _step(torch.compile(fn, backend="eager", fullgraph=True), p, _plain)
     assert compiled[0].dtype is torch.float32
     for got, want in zip(compiled, eager):
         assert got.shape == want.shape
@@ -231,10 +235,10 @@ def test_float32_operands_in_emulated_are_the_references_with_or_without_torchao
             A, B, offs, torch.float32, scale_mode=generation.scale_mode, wgrad_with_hp=generation.wgrad_with_hp
         ),
         p,
-        lambda f, a, b: f(a, b),
+        _plain,
     )
     with caplog.at_level("WARNING", logger="mxfp8_compat"):
-        got = _step(res, p, lambda f, a, b: f(a, b))
+        got = _step(res, p, _plain)
     for x, y in zip(got, reference):
         assert x.dtype is torch.float32 and torch.equal(x, y)
     assert any("float32 operands run on the reference emulation" in r.getMessage() for r in caplog.records)

@@ -23,7 +23,7 @@ pytestmark = [
 @pytest.fixture
 def direct(monkeypatch):
     """Direct launches on, from an empty cache (so the first launch of every key is triton's)."""
-    if not _kernel_launch._direct_supported():
+    if _kernel_launch._knobs_runtime() is None:
         pytest.skip("this triton has no direct launch (before 3.4): triton's own launch runs")
     monkeypatch.setattr(_kernel_launch, "DIRECT_LAUNCH", True)
     monkeypatch.setattr(_kernel_launch, "_compiled", {})
@@ -35,7 +35,7 @@ def _direct_entries(cache, kernel_name):
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned by 2 bytes"])
-def test_direct_launch_gives_triton_launchs_result(direct, offset, monkeypatch):
+def test_direct_launch_gives_triton_launchs_result(direct, offset):
     base = torch.randn(1 + 300 * 136, device="cuda", dtype=torch.bfloat16)
     x = base[offset : offset + 300 * 136].view(300, 136)  # offset 1: a data pointer triton does not call aligned
     index = torch.randint(0, 320, (257,), device="cuda")  # >= 300: padding rows (zeros)
@@ -43,8 +43,10 @@ def test_direct_launch_gives_triton_launchs_result(direct, offset, monkeypatch):
     first = gather_rows(x, index)  # triton's launch: compiles or finds the kernel, fills the cache
     assert _direct_entries(direct, "_gather_rows_kernel"), "the first launch left no direct entry"
     second = gather_rows(x, index)  # the direct launch
-    monkeypatch.setattr(_kernel_launch, "DIRECT_LAUNCH", False)
-    third = gather_rows(x, index)  # triton's launch again
+    with _kernel_launch.triton_launch():
+        assert _kernel_launch.DIRECT_LAUNCH is False
+        third = gather_rows(x, index)  # triton's launch again
+    assert _kernel_launch.DIRECT_LAUNCH is True
     for got in (first, second, third):
         assert torch.equal(got, expected)
     assert all(entry is not None for entry in _direct_entries(direct, "_gather_rows_kernel"))

@@ -26,22 +26,23 @@ triton itself does. The key holds everything triton specialises on, and more: ea
 dtype and 16-byte alignment, each int's equality to 1, divisibility by 16 and 32/64-bit range,
 the constexprs and launch options, the device. Launch hooks (profilers such as proton) and
 triton before 3.4 take triton's own launch. ``MXFP8_COMPAT_DIRECT_LAUNCH=0`` (read at import),
-or ``DIRECT_LAUNCH = False`` here, turns it off.
+or ``DIRECT_LAUNCH = False`` here, turns it off; ``with triton_launch():`` for one block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ["launch", "kernel_module", "DIRECT_LAUNCH"]
+__all__ = ["launch", "kernel_module", "DIRECT_LAUNCH", "triton_launch"]
 
 #: Launch kernels already compiled for a key through their launcher, skipping triton's Python binder.
 DIRECT_LAUNCH = os.environ.get("MXFP8_COMPAT_DIRECT_LAUNCH", "1").strip() != "0"
@@ -115,20 +116,20 @@ def _arg_key(arg: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _direct_supported() -> bool:
+def _knobs_runtime() -> Any:
+    """triton's launch settings (``knobs.runtime``, 3.4+: the launch hooks, and the launcher's call as
+    used here), or None where this triton is older: then every launch is triton's own."""
     try:
-        import triton
-        from triton import knobs  # 3.4+: where the launch hooks live and the launcher's call is as used here
+        from triton import knobs
     except ImportError:
-        return False
-    return hasattr(knobs, "runtime") and hasattr(triton.runtime.jit.JITFunction, "run")
+        return None
+    return getattr(knobs, "runtime", None)
 
 
-def _hooks_set() -> bool:
+def _hooks_set(runtime: Any) -> bool:
     """Whether a launch hook is installed (a profiler's): then every launch is triton's own, which calls it.
 
     A hook is None where none is set (triton 3.4, 3.9) or an empty ``HookChain`` (3.5-3.6)."""
-    runtime = _knobs_runtime()
     return _is_set(runtime.launch_enter_hook) or _is_set(runtime.launch_exit_hook)
 
 
@@ -136,21 +137,25 @@ def _is_set(hook: Any) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-@functools.lru_cache(maxsize=None)
-def _knobs_runtime() -> Any:
-    from triton import knobs
-
-    return knobs.runtime
+@contextlib.contextmanager
+def triton_launch() -> Iterator[None]:
+    """Within the block every kernel takes triton's own launch (the direct launch off), then as before."""
+    global DIRECT_LAUNCH
+    before, DIRECT_LAUNCH = DIRECT_LAUNCH, False
+    try:
+        yield
+    finally:
+        DIRECT_LAUNCH = before
 
 
 def _entry(kernel: Any, compiled: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
     """(compiled, tail values) for direct launches, or None where they cannot be built."""
     try:
-        names = list(kernel.signature.parameters)
         params = kernel.signature.parameters
         constexpr = [param.is_constexpr for param in kernel.params]
     except AttributeError:
         return None
+    names = list(params)
     if compiled is None or not hasattr(compiled, "packed_metadata") or len(args) > len(names):
         return None
     tail = []
@@ -163,9 +168,14 @@ def _entry(kernel: Any, compiled: Any, args: tuple[Any, ...], options: dict[str,
     return compiled, tuple(tail)
 
 
+# the CUDA stream triton would launch on (its torch driver's own query); CUDA builds of torch only
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _run_cuda(kernel: Any, grid: tuple[int, ...], device: int, args: tuple[Any, ...], options: dict[str, Any]) -> None:
     """``kernel[grid](*args, **options)`` on the current device, directly where triton has compiled it for this key."""
-    if not DIRECT_LAUNCH or not _direct_supported() or _hooks_set():
+    runtime = _knobs_runtime()
+    if not DIRECT_LAUNCH or runtime is None or _hooks_set(runtime):
         kernel[grid](*args, **options)
         return
     try:
@@ -186,8 +196,6 @@ def _run_cuda(kernel: Any, grid: tuple[int, ...], device: int, args: tuple[Any, 
     compiled.run(grid[0], grid_1, grid_2, _current_stream(device), compiled.function, compiled.packed_metadata,
                  None, None, None, *args, *tail)
 
-
-_current_stream = torch._C._cuda_getCurrentRawStream if hasattr(torch._C, "_cuda_getCurrentRawStream") else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -80,7 +80,7 @@ def _refuse_functorch(label: str) -> None:
     torch, differently per backend, or (grad through the double-backward guard) with a wrong
     message. bf16 is torch's own op and runs under them.
     """
-    if not torch.compiler.is_compiling() and _interpreter_stack() is not None:
+    if not _compiling() and _interpreter_stack() is not None:
         raise RuntimeError(
             f"{label}: torch.func transforms (grad, vjp, jacrev, vmap, ...) are not supported by the MXFP8 "
             "backends; use torch.autograd (loss.backward(), torch.autograd.grad), or resolve('off') (bf16), "
