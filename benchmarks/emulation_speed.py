@@ -10,6 +10,8 @@ B (E, K, N) stored per-group column-major (``weight_relayout``) and equal token 
   bf16        torch._grouped_mm (its own autograd)
   fast        mxfp8_compat.backends.fast_emulation.fast_mxfp8_grouped_mm (RCEIL, wgrad_with_hp=True)
   fast-requant  the same, B quantised along N again in backward instead of kept from forward
+  fast-triton-launch  "fast" with the direct launch off: every kernel through triton's own launch
+              (mxfp8_compat.kernels.launch; what the host time was before it)
   torchao     torchao's _to_mxfp8_then_scaled_grouped_mm, KernelPreference.EMULATED, wgrad_with_hp=True
               (0.16+, where installed)
   reference   mxfp8_compat.mxfp8_grouped_mm_reference (RCEIL, wgrad_with_hp=True)
@@ -72,11 +74,24 @@ def torchao_emulated() -> Optional[tuple[str, Callable]]:
     return torchao.__version__, call
 
 
+def _triton_launch(fn: Callable) -> Callable:
+    """``fn`` marked to run with the direct launch off (``fwd_bwd`` sets it around forward and backward)."""
+
+    def variant(A, B, offs):  # type: ignore[no-untyped-def]
+        return fn(A, B, offs)
+
+    variant.direct_launch = False  # type: ignore[attr-defined]
+    return variant
+
+
 def variants(with_reference: bool) -> dict[str, Callable]:
     out: dict[str, Callable] = {
         "bf16": lambda A, B, offs: torch._grouped_mm(A, B, offs=offs),
         "fast": lambda A, B, offs: fast.fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, "rceil", True, True),
         "fast-requant": lambda A, B, offs: fast.fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, "rceil", True, False),
+        "fast-triton-launch": _triton_launch(
+            lambda A, B, offs: fast.fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, "rceil", True, True)
+        ),
     }
     ao = torchao_emulated()
     if ao is not None:
@@ -87,7 +102,12 @@ def variants(with_reference: bool) -> dict[str, Callable]:
 
 
 def fwd_bwd(fn: Callable, A, B, offs, grad):
-    return torch.autograd.grad(fn(A, B, offs), (A, B), grad)
+    if getattr(fn, "direct_launch", True):
+        return torch.autograd.grad(fn(A, B, offs), (A, B), grad)
+    from mxfp8_compat.kernels import launch as _kernel_launch
+
+    with _kernel_launch.triton_launch():
+        return torch.autograd.grad(fn(A, B, offs), (A, B), grad)
 
 
 class Timer:
@@ -278,6 +298,7 @@ def main() -> None:
         row: dict[str, object] = {"shape": shape, **{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
         row["fast_vs_bf16"] = round(ms["fast"] / ms["bf16"], 3)
         row["fast_requant_vs_bf16"] = round(ms["fast-requant"] / ms["bf16"], 3)
+        row["fast_triton_launch_vs_bf16"] = round(ms["fast-triton-launch"] / ms["bf16"], 3)
         if "torchao" in ms:
             row["torchao_vs_fast"] = round(ms["torchao"] / ms["fast"], 2)
             row["torchao_vs_bf16"] = round(ms["torchao"] / ms["bf16"], 2)
@@ -296,12 +317,12 @@ def main() -> None:
         print(json.dumps(row))
     report["results"] = table
     print()
-    print("| E, M, K, N | bf16 ms | fast ms | fast / bf16 | fast-requant / bf16 | torchao ms | torchao / fast |")
-    print("|---|---|---|---|---|---|---|")
+    print("| E, M, K, N | bf16 ms | fast ms | fast / bf16 | fast, triton's launch / bf16 | fast-requant / bf16 | torchao ms | torchao / fast |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in table:
         print(
             f"| {', '.join(map(str, row['shape']))} | {row['bf16_ms']:.3f} | {row['fast_ms']:.3f} | {row['fast_vs_bf16']:.2f}x "
-            f"| {row['fast_requant_vs_bf16']:.2f}x | {row.get('torchao_ms', float('nan')):.3f} | {row.get('torchao_vs_fast', float('nan')):.1f}x |"
+            f"| {row['fast_triton_launch_vs_bf16']:.2f}x | {row['fast_requant_vs_bf16']:.2f}x | {row.get('torchao_ms', float('nan')):.3f} | {row.get('torchao_vs_fast', float('nan')):.1f}x |"
         )
     if any("fast_vs_bf16_graph" in row for row in table):
         print()

@@ -8,6 +8,8 @@ nothing queued (a synchronize before, none inside the loop): the GPU work of the
 takes less than the host's, so the figure is the CPU cost per call. Rows:
 
   bf16 raw            torch._grouped_mm forward + backward (its own autograd)
+  ..., triton launch  the same row with the direct launch off (every kernel through triton's own
+                      JITFunction.run: binder, specialisation, cache key), interleaved in the same rounds
   off                 resolve("off") forward + backward
   fast raw            fast_mxfp8_grouped_mm forward + backward (no shim around it)
   emulated            resolve("emulated") (the fast emulation through the shim)
@@ -39,6 +41,7 @@ import torch
 
 from mxfp8_compat import resolve
 from mxfp8_compat.backends import fast_emulation as fast
+from mxfp8_compat.kernels import launch as _kernel_launch
 from mxfp8_compat.layout import weight_relayout
 
 
@@ -63,6 +66,16 @@ def host_us(step: Callable[[], object], sync: Callable[[], None], calls: int, ro
         sync()
     samples.sort()
     return samples[len(samples) // 2]
+
+
+def triton_launch(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with every kernel launched through triton's own launch (the direct launch off)."""
+
+    def run() -> object:
+        with _kernel_launch.triton_launch():
+            return step()
+
+    return run
 
 
 def main() -> None:
@@ -98,6 +111,8 @@ def main() -> None:
         "emulated": fwd_bwd(emulated),
         "emulated aligned": fwd_bwd(emulated, groups_aligned=True),
     }
+    for name in ("fast raw", "emulated"):
+        rows[f"{name}, triton launch"] = triton_launch(rows[name])
     A_d, B_d, grad_d = A.detach(), B.detach(), grad.detach()
     rows["grouped_mm forward alone"] = lambda: torch._grouped_mm(A_d, B_d, offs=offs)
     rows["torch.empty x3"] = lambda: (torch.empty_like(A_d), torch.empty_like(B_d), torch.empty_like(B_d))
@@ -105,6 +120,7 @@ def main() -> None:
         rows["fast forward alone"] = lambda: raw_fast(A_d, B_d, offs)
         rows["launch quantize (A+B)"] = lambda: fast._quantize(A_d, B_d, "rceil", True, True)
         rows["launch quantize (grad)"] = lambda: fast._quantize(grad_d, None, "rceil", False, True)
+        rows["launch quantize (grad), triton launch"] = triton_launch(rows["launch quantize (grad)"])
         gA, gB = torch.empty_like(A_d), torch.empty_like(B_d)
         rows["launch zero_unused"] = lambda: fast._zero_unused(gA, gB, offs)
         y = torch.empty_like(grad_d)

@@ -2,6 +2,7 @@
 
     python benchmarks/stack_step.py                 # both stacks that are installed, CPU sizes
     python benchmarks/stack_step.py --stack torchtitan --dim 1024 --experts 16
+    python benchmarks/stack_step.py --device cuda --dtype bfloat16 --dim 2048 --hidden 1408 --experts 64 --tokens 16384
 
 Stacks (each skipped when its package is missing):
 
@@ -40,6 +41,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--modes", default="off,emulated", help="integration modes to time beside the stock layer")
+    parser.add_argument("--device", default="cpu", help="where the layer runs (cuda: each timed batch ends in a synchronize)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="torchtitan's parameter dtype (default float32; Automodel's layer is always bf16)")
     return parser.parse_args()
 
 
@@ -55,18 +59,28 @@ def step_fn(module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> C
     return step
 
 
-def time_variants(variants: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, list[float]]:
+def time_variants(
+    variants: dict[str, Callable[[], None]], rounds: int, steps: int, device: torch.device
+) -> dict[str, list[float]]:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for step in variants.values():  # warm-up (resolution, first-call allocations)
+    for step in variants.values():  # warm-up (resolution, first-call allocations, kernel compilation)
         step()
+        step()
+    sync()
     names = list(variants)
     for round_index in range(rounds):
         # rotate the order each round: no variant always runs first (or right after another)
         for name in names[round_index % len(names):] + names[: round_index % len(names)]:
             step = variants[name]
+            sync()
             start = time.perf_counter()
             for _ in range(steps):
                 step()
+            sync()
             times[name].append((time.perf_counter() - start) / steps)
     return times
 
@@ -86,15 +100,16 @@ def torchtitan_variants(args: argparse.Namespace, modes: list[str]) -> dict[str,
             ),
         )
 
-    stock = config().build()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype or "float32")
+    stock = config().build().to(device=device, dtype=dtype)
     with torch.no_grad():
         for p in stock.parameters():
             p.normal_(std=1 / math.sqrt(p.shape[-1]))
-    x = torch.randn(1, args.tokens, args.dim)
-    target = torch.randn(1, args.tokens, args.dim)
+    x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype)
+    target = torch.randn(1, args.tokens, args.dim, device=device)
     variants = {"as shipped": step_fn(stock, x, target)}
     for mode in modes:
-        layer = MXFP8CompatConverter.Config(mode=mode).build().convert(config()).build()
+        layer = MXFP8CompatConverter.Config(mode=mode).build().convert(config()).build().to(device=device, dtype=dtype)
         layer.load_state_dict(stock.state_dict())
         variants[mode] = step_fn(layer, x, target)
     return variants
@@ -117,15 +132,16 @@ def automodel_variants(args: argparse.Namespace, modes: list[str]) -> dict[str, 
     backend = BackendConfig(linear="torch", rms_norm="torch", attn="sdpa", experts="torch_mm_mxfp8", dispatcher="torch",
                             enable_hf_state_dict_adapter=False)
     shipped_selector = automodel_experts.select_grouped_mm
-    x = torch.randn(1, args.tokens, args.dim).bfloat16()
-    target = torch.randn(1, args.tokens, args.dim)
+    device = torch.device(args.device)
+    x = torch.randn(1, args.tokens, args.dim, device=device).bfloat16()
+    target = torch.randn(1, args.tokens, args.dim, device=device)
 
     def layer() -> MoE:
         torch.manual_seed(0)
         moe = MoE(config, backend)
         with torch.no_grad():
             moe.init_weights(torch.device("cpu"))
-        return moe
+        return moe.to(device)
 
     def with_selector(selector, step: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -145,7 +161,9 @@ def main() -> None:
     torch.manual_seed(0)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     stacks = ["torchtitan", "automodel"] if args.stack == "all" else [args.stack]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dim {args.dim}, hidden {args.hidden}, "
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}; dim {args.dim}, hidden {args.hidden}, "
           f"{args.experts} experts, top-{args.top_k}, {args.tokens} tokens; median of {args.rounds} rounds x {args.steps} steps")
     warnings.simplefilter("ignore")
     for stack in stacks:
@@ -155,7 +173,7 @@ def main() -> None:
         except ImportError as error:
             print(f"{stack}: skipped ({error})")
             continue
-        times = time_variants(variants, args.rounds, args.steps)
+        times = time_variants(variants, args.rounds, args.steps, device)
         median = {name: statistics.median(values) for name, values in times.items()}
         best = {name: min(values) for name, values in times.items()}
         print(f"{stack}:            median ms/step  ratio    min ms/step  ratio")

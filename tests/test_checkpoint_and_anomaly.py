@@ -19,6 +19,10 @@ from mxfp8_compat import resolve
 MODES = ["off", "emulated", "auto"]
 
 
+def _plain(f, a, b):
+    return f(a, b)
+
+
 def _step(fn, p, wrap):
     A = p.A.detach().clone().requires_grad_(True)
     B = p.B.detach().clone().requires_grad_(True)
@@ -32,7 +36,7 @@ def _step(fn, p, wrap):
 def test_checkpointed_call_equals_the_plain_call(mode, use_reentrant):
     p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
     fn = resolve(mode, device="cpu")
-    plain = _step(fn, p, lambda f, a, b: f(a, b))
+    plain = _step(fn, p, _plain)
     checkpointed = _step(fn, p, lambda f, a, b: checkpoint(f, a, b, use_reentrant=use_reentrant))
     for name, x, y in zip(("out", "grad_A", "grad_B"), plain, checkpointed):
         assert torch.equal(x[: 96], y[: 96]) if name != "grad_B" else torch.equal(x, y), name
@@ -64,7 +68,7 @@ def test_a_first_resolve_inside_a_checkpointed_region(mode, use_reentrant):
     out, grad_A, grad_B = _within(
         300, lambda: _step(None, p, lambda f, a, b: checkpoint(region, a, b, use_reentrant=use_reentrant))
     )
-    expected = _step(resolve(mode, device="cpu"), p, lambda f, a, b: f(a, b))
+    expected = _step(resolve(mode, device="cpu"), p, _plain)
     assert torch.equal(out[:96], expected[0][:96]) and torch.equal(grad_A[:96], expected[1][:96])
     assert torch.equal(grad_B, expected[2])
 
@@ -129,16 +133,23 @@ def _second_order(fn, p):
     return B.grad
 
 
-def test_double_backward_in_bf16_is_torchs():
+def _bf16_and_torchs(run, what: str):
+    """``run(fn, problem)`` through resolve("off") and through torch._grouped_mm itself (skipped where
+    this torch has no bf16 grouped GEMM, or its own op cannot do ``what``)."""
     p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
     fn = resolve("off", device="cpu")
     if fn.backend != "bf16" or not hasattr(torch, "_grouped_mm"):
         pytest.skip("no bf16 grouped GEMM here")
     try:
-        expected = _second_order(lambda A, B, offs: torch._grouped_mm(A, B, offs=offs), p)
+        expected = run(lambda A, B, offs: torch._grouped_mm(A, B, offs=offs), p)
     except RuntimeError as error:
-        pytest.skip(f"torch {torch.__version__} has no double backward for torch._grouped_mm here: {error}")
-    assert torch.equal(_second_order(fn, p), expected)
+        pytest.skip(f"torch {torch.__version__}'s torch._grouped_mm has no {what} here: {error}")
+    return run(fn, p), expected
+
+
+def test_double_backward_in_bf16_is_torchs():
+    got, expected = _bf16_and_torchs(_second_order, "double backward")
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("mode", ["emulated", "native"])
@@ -153,3 +164,81 @@ def test_double_backward_through_mxfp8_is_a_clear_error(mode):
     with pytest.raises(RuntimeError, match=r"double backward .* is not supported") as raised:
         _second_order(fn, p)
     assert "MXFP8" in str(raised.value)
+
+
+# --- torch.func: torch's own in bf16, one clear refusal in every MXFP8 backend ---------------------
+
+
+def _func_transforms(fn, p):
+    """torch.func.grad, vjp and vmap of one call: what each returns."""
+    A, B = p.A.detach(), p.B.detach()
+    grad_A = torch.func.grad(lambda a: fn(a, B, p.offs).float().mul(p.grad_out.float()).sum())(A)
+    _, vjp = torch.func.vjp(lambda a, b: fn(a, b, p.offs), A, B)
+    batched = torch.func.vmap(lambda a: fn(a, B, p.offs))(torch.stack([A, A.flip(1)]))
+    return grad_A, vjp(p.grad_out), batched
+
+
+def test_torch_func_in_bf16_is_torchs():
+    got, expected = _bf16_and_torchs(_func_transforms, "torch.func support")
+    for x, y in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected), strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "vmap"])
+@pytest.mark.parametrize("mode", ["emulated", "native"])
+def test_torch_func_through_mxfp8_is_a_clear_error(mode, transform):
+    """Before: the reference's grad was refused as a "double backward", its vmap failed inside torch
+    ("does not have vmap support"), and torchao's Functions without setup_context failed otherwise."""
+    try:
+        fn = resolve(mode, device="cpu")
+    except mxfp8_compat.MXFP8Unavailable:
+        pytest.skip(f"no {mode} MXFP8 path here")
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64)
+    A, B = p.A.detach(), p.B.detach()
+    run = {
+        "grad": lambda: torch.func.grad(lambda a: fn(a, B, p.offs).float().sum())(A),
+        "vjp": lambda: torch.func.vjp(lambda a, b: fn(a, b, p.offs), A, B),
+        "vmap": lambda: torch.func.vmap(lambda a: fn(a, B, p.offs))(torch.stack([A, A])),
+    }[transform]
+    with pytest.raises(RuntimeError, match=r"torch\.func transforms .* are not supported") as raised:
+        run()
+    assert "MXFP8" in str(raised.value) and "resolve('off')" in str(raised.value)
+    assert torch.equal(fn(A, B, p.offs), fn(A, B, p.offs))  # and the backend still runs outside them
+
+
+# --- float32 operands: compiled as eager in bf16, the reference's numerics in emulated -------------
+
+
+def test_float32_operands_compile_in_bf16():
+    """Before: torch.compile failed inside torch's bf16-only meta kernel ("Expected inputs of BF16 type")."""
+    fn = resolve("off", device="cpu")
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64, dtype=torch.float32)
+    eager = _step(fn, p, _plain)
+    torch._dynamo.reset()
+    compiled = _step(torch.compile(fn, backend="eager", fullgraph=True), p, _plain)
+    assert compiled[0].dtype is torch.float32
+    for got, want in zip(compiled, eager):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.torchao
+def test_float32_operands_in_emulated_are_the_references_with_or_without_torchao(caplog):
+    """Before: torchao's emulation rounded float32 operands to bf16 first and landed 33 dB from the reference."""
+    res = resolve("emulated", device="cpu")
+    if res.emulation != "torchao":
+        pytest.skip(f"emulated here is {res.emulation}, not torchao's emulation")
+    p = make_problem(group_rows=(32, 0, 45, 19), k=64, n=64, dtype=torch.float32)
+    generation = res.generation
+    reference = _step(
+        lambda A, B, offs: mxfp8_compat.mxfp8_grouped_mm_reference(
+            A, B, offs, torch.float32, scale_mode=generation.scale_mode, wgrad_with_hp=generation.wgrad_with_hp
+        ),
+        p,
+        _plain,
+    )
+    with caplog.at_level("WARNING", logger="mxfp8_compat"):
+        got = _step(res, p, _plain)
+    for x, y in zip(got, reference):
+        assert x.dtype is torch.float32 and torch.equal(x, y)
+    assert any("float32 operands run on the reference emulation" in r.getMessage() for r in caplog.records)

@@ -36,6 +36,9 @@ CASES = [
     "zero_unused_at_2**31",
     "zero_rows_after_at_2**31",
     "gather_rows_column_stride_at_2**31",
+    "mx_rows_at_2**31",
+    "mx_weight_at_2**31",
+    "mx_columns_at_2**31",
 ]
 
 

@@ -39,12 +39,12 @@ run_env() {  # env name, wheel glob (empty: no torchao), expected generation
     elif [ -n "$wheel" ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .carry/ao/$wheel || return 1
     fi
-    export PYTHONPATH="$site:$PWD/src"
+    export PYTHONPATH="$site:$PWD/src:$PWD/tools"
     MXFP8_COMPAT_EXPECT_GENERATION=$expect MXFP8_COMPAT_CACHE_DIR=/tmp/cache-$env \
         timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider $cpu_only ${select:+-m "$select"} \
         --junitxml="$work/logs/$env.xml" >"$work/logs/$env.log" 2>&1
     echo "$env pytest exit $?: $(tail -n 1 "$work/logs/$env.log")"
-    python3 -m mxfp8_compat.matrix record --env "$env" --junit "$work/logs/$env.xml" --dir "$work/results" --runner "$runner" \
+    python3 -m mxfp8_compat_dev.matrix record --env "$env" --junit "$work/logs/$env.xml" --dir "$work/results" --runner "$runner" \
         >>"$work/logs/$env.log" 2>&1 || echo "$env: record failed"
 }
 

@@ -26,7 +26,7 @@ from typing import Callable, Literal, Optional, Union, get_args
 import torch
 
 from .backends.fast_emulation import fast_call, fast_emulation_problem
-from .backends.grouped_mm import clear_log_once, log_once, make_bf16, make_mxfp8, reference_call
+from .backends.grouped_mm import clear_log_once, log_once, make_bf16, make_mxfp8, reference_emulation
 from .backends.torchao_paths import smoke_torchao_path
 from .contract import GroupedMM
 from .errors import MXFP8Unavailable
@@ -590,14 +590,7 @@ def _resolve_emulated(ctx: _Context) -> Resolution:
                 f"torchao {generation.key} has no emulated MXFP8 path (its forward always runs sm_100 kernels)"
             )
     reasons.append(f"using mxfp8_compat's reference MXFP8 emulation ({scale_mode.value.upper()} scales)")
-    fn = make_mxfp8(
-        reference_call(scale_mode, ctx.wgrad_with_hp),
-        validate=ctx.validate,
-        contiguous_grad=False,
-        group_alignment=1,
-        shape_fallback=None,
-        label="reference emulated MXFP8",
-    )
+    fn = reference_emulation(scale_mode, ctx.wgrad_with_hp, validate=ctx.validate)
     smoke = smoke_probe.smoke_run(fn, ctx.device, scale_mode=scale_mode, wgrad_with_hp=ctx.wgrad_with_hp, exact=True)
     if smoke.problem is not None:
         raise MXFP8Unavailable("emulated", tuple(reasons) + (f"the reference emulation failed its smoke run: {smoke.problem}",))

@@ -25,10 +25,14 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from mxfp8_compat.kernels.launch import kernel_module  # noqa: E402
-from mxfp8_compat.numerics.quantize import mx_fake_quantize, mx_fake_quantize_grouped_rows  # noqa: E402
+from mxfp8_compat.numerics.quantize import mx_fake_quantize, mx_fake_quantize_grouped_rows, mx_quantize  # noqa: E402
+from mxfp8_compat.token_groups import token_group_padding  # noqa: E402
+
+import torch_blocked as tb  # noqa: E402  (this directory: torch's to_blocked, and its inverse)
 
 FAST = kernel_module("fast_quant", True)
 GROUPS = kernel_module("token_groups", True)
+MXQ = kernel_module("mx_quant", True)
 torch.manual_seed(0)
 
 
@@ -71,6 +75,27 @@ def zero_unused_probe(grad_a_ptr, grad_b_ptr, offs_ptr, M, K, E, KN, a_programs,
 def zero_rows_after_probe(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, pid_r, pid_c, BLOCK_R: tl.constexpr,
                           BLOCK_C: tl.constexpr):
     GROUPS._zero_rows_after_job(x_ptr, offs_ptr, last, n_rows, n_cols, stride_r, pid_r, pid_c, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def mx_rows_probe(x_ptr, src_ptr, q_ptr, s_ptr, offs_ptr, M, C, E, SC, pid_rows, pid_cols,
+                  BC: tl.constexpr, E_PAD: tl.constexpr):
+    MXQ._quantize_rows_job(x_ptr, src_ptr, q_ptr, s_ptr, offs_ptr, M, C, E, SC, pid_rows, pid_cols, True, False,
+                           BC, E_PAD)
+
+
+@triton.jit
+def mx_weight_probe(w_ptr, qk_ptr, sk_ptr, qn_ptr, sn_ptr, N, K, stride_e, stride_n, stride_k, k_programs, q,
+                    BK: tl.constexpr):
+    MXQ._quantize_weight_job(w_ptr, qk_ptr, sk_ptr, qn_ptr, sn_ptr, N, K, stride_e, stride_n, stride_k, k_programs,
+                             q, True, True, True, False, BK)
+
+
+@triton.jit
+def mx_columns_probe(x_ptr, src_ptr, q_ptr, s_ptr, offs_ptr, M, C, P, E, pid_rows, pid_cols,
+                     BC: tl.constexpr, E_PAD: tl.constexpr):
+    MXQ._quantize_grouped_columns_job(x_ptr, src_ptr, q_ptr, s_ptr, offs_ptr, M, C, P, E, pid_rows, pid_cols, True,
+                                      False, BC, E_PAD)
 
 
 # --- cases ----------------------------------------------------------------------------------
@@ -178,6 +203,81 @@ def case_gather_column_strided() -> str:
     return f"last column at element {(N - 1) * M + M - 1} of {M * N}"
 
 
+def _mx_tail_problem(M: int, C: int, BC: int):
+    """x (M, C) bf16 with random values in the last 32 rows x BC columns, one group of M - 5 rows
+    (its padded block ends at row M, the last 5 rows padding), and its padded layout."""
+    x = torch.empty((M, C), dtype=torch.bfloat16)
+    x[M - 32:, C - BC:] = _random_bf16((32, BC))
+    offs = torch.tensor([M - 5], dtype=torch.int32)
+    padding = token_group_padding(offs, M, 32)
+    block = torch.zeros((32, BC), dtype=torch.bfloat16)  # the expected padded rows: 27 of x, 5 of zeros
+    block[:27] = x[M - 32:M - 5, C - BC:]
+    return x, padding, block
+
+
+def case_mx_rows() -> str:
+    """torch provider's row quantiser (forward A, grad_out): its last program, where P * C passes 2**31."""
+    M, C, BC = 2**18 + 64, 8192, 128
+    x, padding, block = _mx_tail_problem(M, C, BC)
+    P = padding.padded_rows
+    q = torch.empty((P, C), dtype=torch.uint8)
+    q[M - 32:M, C - BC:] = 0xAA
+    scale_cols = C // 32
+    scales = torch.zeros((tb.round_up(P + 96, 128), scale_cols), dtype=torch.uint8)
+    mx_rows_probe[(1,)](_bits(x), padding.source_rows, q, scales, padding.padded_offs, M, C, 1, scale_cols,
+                        M // 32 - 1, C // BC - 1, BC=BC, E_PAD=2)
+    data, exponent = mx_quantize(block)
+    assert torch.equal(q[M - 32:M, C - BC:], data.view(torch.uint8)), "last program's data differs"
+    got = tb.unblock(scales.reshape(-1), M, scale_cols)[M - 32:, scale_cols - BC // 32:]
+    assert torch.equal(got, exponent), "last program's scales are not where the blocked layout puts them"
+    assert int(scales.count_nonzero()) == int(exponent.count_nonzero()), "scales written outside the program's"
+    return f"rows {M - 32}.. x columns {C - BC}.. at element {(M - 32) * C + C - BC} of {P * C}"
+
+
+def case_mx_weight() -> str:
+    """torch provider's weight quantiser: its last tile, where E * N * K passes 2**31 (both orientations)."""
+    E, K, N, BK = 3, 2**15, 2**15, 128
+    w = torch.empty((E, K, N), dtype=torch.bfloat16)
+    tile = _random_bf16((BK, 32))
+    w[E - 1, K - BK:, N - 32:] = tile
+    w_t = w.transpose(-2, -1)  # (E, N, K) view
+    qk = torch.empty((E, N, K), dtype=torch.uint8)
+    qn = torch.empty((E, K, N), dtype=torch.uint8)
+    cols_k, cols_n = K // 32, N // 32
+    sk = torch.zeros((E, N * cols_k), dtype=torch.uint8)
+    sn = torch.zeros((E, K * cols_n), dtype=torch.uint8)
+    k_programs = K // BK
+    q = E * (N // 32) * k_programs - 1
+    mx_weight_probe[(1,)](_bits(w_t), qk, sk, qn, sn, N, K, *w_t.stride(), k_programs, q, BK=BK)
+    data_k, exp_k = mx_quantize(tile.t())  # (32 of N, BK of K), blocks along K
+    data_n, exp_n = mx_quantize(tile)  # (BK of K, 32 of N), blocks along N
+    assert torch.equal(qk[E - 1, N - 32:, K - BK:], data_k.view(torch.uint8)), "weight along K differs"
+    assert torch.equal(qn[E - 1, K - BK:, N - 32:], data_n.view(torch.uint8)), "weight along N differs"
+    assert torch.equal(tb.unblock(sk[E - 1], N, cols_k)[N - 32:, cols_k - BK // 32:], exp_k), "scales along K misplaced"
+    assert torch.equal(tb.unblock(sn[E - 1], K, cols_n)[K - BK:, cols_n - 1:], exp_n), "scales along N misplaced"
+    assert int(sk.count_nonzero()) == int(exp_k.count_nonzero()) and int(sn.count_nonzero()) == int(exp_n.count_nonzero())
+    return f"tile {q} at element {(E - 1) * N * K + (N - 32) * K + K - BK} of {E * N * K}"
+
+
+def case_mx_columns() -> str:
+    """torch provider's weight-gradient quantiser (x^T along M): its last program, where C * P passes 2**31."""
+    M, C, BC = 2**18 + 64, 8192, 128
+    x, padding, block = _mx_tail_problem(M, C, BC)
+    P = padding.padded_rows
+    q = torch.empty((C, P), dtype=torch.uint8)
+    q[C - BC:, M - 32:M] = 0xAA
+    width = tb.round_up(M // 32, 4)
+    scales = torch.zeros((tb.round_up(C, 128), P // 32 + 4), dtype=torch.uint8)
+    mx_columns_probe[(1,)](_bits(x), padding.source_rows, q, scales, padding.padded_offs, M, C, P, 1,
+                           M // 32 - 1, C // BC - 1, BC=BC, E_PAD=2)
+    data, exponent = mx_quantize(block.t().contiguous())  # (BC, 32): blocks along the tokens
+    assert torch.equal(q[C - BC:, M - 32:M], data.view(torch.uint8)), "last program's data differs"
+    got = tb.unblock(scales.reshape(-1), C, width)[C - BC:, M // 32 - 1:M // 32]
+    assert torch.equal(got, exponent), "last program's scales are not where the blocked layout puts them"
+    assert int(scales.count_nonzero()) == int(exponent.count_nonzero()), "scales written outside the program's"
+    return f"columns {C - BC}.. x rows {M - 32}.. at element {(C - 1) * P + M - 32} of {C * P}"
+
+
 CASES = {
     "blocks_below_2**31": lambda: case_blocks(2**31 - 2048),
     "blocks_at_2**31": lambda: case_blocks(2**31 + 32),
@@ -187,6 +287,9 @@ CASES = {
     "zero_unused_at_2**31": case_zero_unused,
     "zero_rows_after_at_2**31": case_zero_rows_after,
     "gather_rows_column_stride_at_2**31": case_gather_column_strided,
+    "mx_rows_at_2**31": case_mx_rows,
+    "mx_weight_at_2**31": case_mx_weight,
+    "mx_columns_at_2**31": case_mx_columns,
 }
 
 

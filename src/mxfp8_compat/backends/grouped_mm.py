@@ -33,7 +33,7 @@ from ..contract import (
     mxfp8_shape_problem,
 )
 
-__all__ = ["GroupedMM", "make_bf16", "make_mxfp8", "log_once", "clear_log_once"]
+__all__ = ["GroupedMM", "make_bf16", "make_mxfp8", "reference_emulation", "log_once", "clear_log_once"]
 
 logger = logging.getLogger("mxfp8_compat")
 _logged: set[str] = set()
@@ -53,6 +53,25 @@ def clear_log_once() -> None:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+_interpreter_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
+
+
+def _refuse_functorch(label: str) -> None:
+    """Raise where a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...) is active around an MXFP8 call.
+
+    One rule for every MXFP8 backend: torchao's autograd Functions have no ``setup_context``
+    and none of the kernels has a batching rule, so a transform would fail somewhere inside
+    torch, differently per backend, or (grad through the double-backward guard) with a wrong
+    message. bf16 is torch's own op and runs under them.
+    """
+    if not _compiling() and _interpreter_stack() is not None:
+        raise RuntimeError(
+            f"{label}: torch.func transforms (grad, vjp, jacrev, vmap, ...) are not supported by the MXFP8 "
+            "backends; use torch.autograd (loss.backward(), torch.autograd.grad), or resolve('off') (bf16), "
+            "which runs under torch.func"
+        )
 
 
 def _retry_or_raise(
@@ -119,10 +138,12 @@ def empty_grouped_mm(A: torch.Tensor, B: torch.Tensor, out_dtype: Optional[torch
 
 
 def _bf16_call(A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, out_dtype: object) -> torch.Tensor:
-    if out_dtype is None or out_dtype is A.dtype:
+    # torch's meta kernel for _grouped_mm takes bf16 operands only, though its eager kernels take
+    # float32: under torch.compile float32 operands go through the fallback op (opaque to tracing).
+    if (out_dtype is None or out_dtype is A.dtype) and not (A.dtype is torch.float32 and _compiling()):
         out = torch._grouped_mm(A, B, offs=offs)
     else:
-        out = grouped_mm_fallback(A, B, offs, out_dtype)  # type: ignore[arg-type]
+        out = grouped_mm_fallback(A, B, offs, out_dtype or A.dtype)  # type: ignore[arg-type]
     return with_contiguous_grad(out) if out.requires_grad else out
 
 
@@ -192,7 +213,7 @@ def make_bf16(*, validate: bool, use_loop: bool) -> GroupedMM:
                 and (out_dtype is None or out_dtype is A.dtype)
                 and A.is_cpu is B.is_cpu is offs.is_cpu
                 and A.is_meta is B.is_meta is offs.is_meta
-                and (A.dtype is bfloat16 or A.dtype is float32)
+                and (A.dtype is bfloat16 or (A.dtype is float32 and not _compiling()))
                 and offs.is_contiguous()
             ):
                 out = grouped_mm(A, B, offs=offs)
@@ -273,6 +294,7 @@ def make_mxfp8(
     label: str,
     float32_out: bool = True,
     bf16_operands: bool = False,
+    float32_operands: Optional[GroupedMM] = None,
 ) -> GroupedMM:
     """An MXFP8 backend around ``call(A, B_t, offs, out_dtype)`` (torchao or the reference).
 
@@ -292,6 +314,11 @@ def make_mxfp8(
     ``bf16_operands`` rounds float32 A and B to bf16 before the callee (torchao 0.16+'s
     high-precision weight-gradient GEMM fails on float32 inputs: "expected m1 and m2 to have
     the same dtype"); like the upcast, this is far below MXFP8's own rounding.
+    ``float32_operands`` instead runs float32 calls on that callable (an emulated row hands the
+    reference emulation with its own scale rule): there rounding to bf16 first would make the
+    result depend on whether torchao is installed (33 dB from the reference, about MXFP8's own
+    distance from float32). Logged once.
+    Inside a ``torch.func`` transform every MXFP8 backend raises RuntimeError naming it.
     """
     pads = group_alignment > 1
 
@@ -311,8 +338,15 @@ def make_mxfp8(
         groups_aligned: bool = False,
     ) -> torch.Tensor:
         check_metadata(A, B, offs, out_dtype, bias)
+        _refuse_functorch(label)
         if is_empty_problem(A, B):
             return empty_grouped_mm(A, B, out_dtype)
+        if float32_operands is not None and A.dtype is torch.float32:
+            log_once(
+                f"mxfp8_compat: {label} takes bf16 operands only; float32 operands run on the reference "
+                "emulation with the same scale rule (rounding them to bf16 first would change the result)"
+            )
+            return float32_operands(A, B, offs, out_dtype=out_dtype, groups_aligned=groups_aligned)
         out_dtype = out_dtype or A.dtype
         offs = offs.contiguous()  # every kernel below reads offs as a flat array
         problem = mxfp8_shape_problem(A, B, shape_multiple)
@@ -389,3 +423,16 @@ def reference_call(scale_mode: ScaleMode, wgrad_with_hp: bool) -> GroupedMMCall:
         return mxfp8_grouped_mm_reference(A, B_t, offs, out_dtype, scale_mode, wgrad_with_hp)
 
     return reference_mxfp8
+
+
+def reference_emulation(scale_mode: ScaleMode, wgrad_with_hp: bool, *, validate: bool) -> GroupedMM:
+    """The reference emulation behind the contract: emulated mode's last resort, and the path of
+    float32 operands in torchao's emulation (which would round them to bf16 first)."""
+    return make_mxfp8(
+        reference_call(scale_mode, wgrad_with_hp),
+        validate=validate,
+        contiguous_grad=False,
+        group_alignment=1,
+        shape_fallback=None,
+        label="reference emulated MXFP8",
+    )

@@ -19,7 +19,7 @@ from ..probes import smoke
 from ..probes.smoke import SmokeResult
 from ..providers.match import BoundEntry
 from ..providers.schema import Kernel
-from .grouped_mm import make_mxfp8
+from .grouped_mm import make_mxfp8, reference_emulation
 
 __all__ = ["torchao_path", "smoke_torchao_path"]
 
@@ -36,15 +36,18 @@ def torchao_path(
     """The ``kernel`` path of ``bound``'s torchao entry behind mxfp8_compat's contract.
 
     ``wgrad_with_hp`` is what the entry is asked for (the caller has already applied the row's
-    ``wgrad_with_hp`` column).
+    ``wgrad_with_hp`` column). The emulated kernel's float32 operands run on the reference with
+    the row's scale rule, so they are rounded once, as the emulation promises, not to bf16 first.
     """
     row = bound.generation
     float32_out = row.float32_out[kernel]
+    emulated = kernel == "emulated"
     return make_mxfp8(
         bound.bind(kernel, wgrad_with_hp),
         validate=validate,
         contiguous_grad=row.contiguous_grad,
-        bf16_operands=row.bf16_operands,
+        bf16_operands=row.bf16_operands and not emulated,
+        float32_operands=reference_emulation(row.scale_mode, wgrad_with_hp, validate=validate) if emulated else None,
         group_alignment=row.group_multiple[kernel],
         shape_multiple=row.shape_multiple[kernel],
         shape_fallback=shape_fallback,

@@ -109,11 +109,24 @@ def quantize_rows_kernel(
     """Rows of x (M, C) through src (padded row -> source row) into q (P, C) in blocks of 32 along C,
     scales in the row-groups blocked layout (groups end at offs, the padded ends). Programs:
     (P / 32, cdiv(C, BC)); each takes 32 padded rows (one group's) and BC columns."""
-    p0 = tl.program_id(0) * 32
+    _quantize_rows_job(x_ptr, src_ptr, q_ptr, s_ptr, offs_ptr, M, C, E, SC, tl.program_id(0), tl.program_id(1),
+                       IN_BF16, HW_CVT, BC, E_PAD)
+
+
+# Each kernel's body is a job taking its program ids, so that tests/kernel_bounds_child.py can run the
+# one program that covers a tensor's tail, past 2**31 elements, in triton's interpreter.
+
+
+@triton.jit
+def _quantize_rows_job(
+    x_ptr, src_ptr, q_ptr, s_ptr, offs_ptr, M, C, E, SC, pid_rows, pid_cols,
+    IN_BF16: tl.constexpr, HW_CVT: tl.constexpr, BC: tl.constexpr, E_PAD: tl.constexpr,
+):
+    p0 = pid_rows * 32
     r = tl.arange(0, 32)
     rows = p0 + r
     src = tl.load(src_ptr + rows)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cols = pid_cols * BC + tl.arange(0, BC)
     col_ok = cols < C
     x = _load_f32(x_ptr, src[:, None].to(tl.int64) * C + cols[None, :], (src < M)[:, None] & col_ok[None, :], IN_BF16, HW_CVT)
     amax = _max(tl.reshape(_abs_bits(x), (32, BC // 32, 32)), 2)
@@ -125,7 +138,7 @@ def quantize_rows_kernel(
         blocks = (sizes + 127) // 128 * 128
         first = _sum(tl.where(idx == group, _cumsum(blocks, 0) - blocks, 0), 0)
         row = p0 - start + r
-        col = tl.program_id(1) * (BC // 32) + tl.arange(0, BC // 32)
+        col = pid_cols * (BC // 32) + tl.arange(0, BC // 32)
         offsets = first.to(tl.int64) * SC + _blocked(row[:, None], col[None, :], SC)
         tl.store(s_ptr + offsets, biased.to(tl.uint8), mask=(col < C // 32)[None, :])
 
@@ -139,7 +152,15 @@ def quantize_weight_kernel(
     blocks along K into qk (E, N, K) contiguous with per-expert blocked scales sk (rows n, cols k/32);
     blocks along N into qn (E, K, N) contiguous with per-expert blocked scales sn (rows k, cols n/32).
     Tile q counts K tiles fastest, then N, then experts."""
-    q = tl.program_id(0)
+    _quantize_weight_job(w_ptr, qk_ptr, sk_ptr, qn_ptr, sn_ptr, N, K, stride_e, stride_n, stride_k, k_programs,
+                         tl.program_id(0), DO_K, DO_N, IN_BF16, HW_CVT, BK)
+
+
+@triton.jit
+def _quantize_weight_job(
+    w_ptr, qk_ptr, sk_ptr, qn_ptr, sn_ptr, N, K, stride_e, stride_n, stride_k, k_programs, q,
+    DO_K: tl.constexpr, DO_N: tl.constexpr, IN_BF16: tl.constexpr, HW_CVT: tl.constexpr, BK: tl.constexpr,
+):
     k0 = (q % k_programs) * BK
     rest = q // k_programs
     n_tiles = N // 32
@@ -181,11 +202,20 @@ def quantize_grouped_columns_kernel(
     restart at each group, whose padded starts are multiples of 32), scales in the
     contraction-groups blocked layout (group g: round_up(C, 128) x round_up(size_g / 32, 4)).
     Programs: (P / 32, cdiv(C, BC))."""
-    p0 = tl.program_id(0) * 32
+    _quantize_grouped_columns_job(x_ptr, src_ptr, q_ptr, s_ptr, offs_ptr, M, C, P, E, tl.program_id(0),
+                                  tl.program_id(1), IN_BF16, HW_CVT, BC, E_PAD)
+
+
+@triton.jit
+def _quantize_grouped_columns_job(
+    x_ptr, src_ptr, q_ptr, s_ptr, offs_ptr, M, C, P, E, pid_rows, pid_cols,
+    IN_BF16: tl.constexpr, HW_CVT: tl.constexpr, BC: tl.constexpr, E_PAD: tl.constexpr,
+):
+    p0 = pid_rows * 32
     r = tl.arange(0, 32)
     rows = p0 + r
     src = tl.load(src_ptr + rows)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cols = pid_cols * BC + tl.arange(0, BC)
     col_ok = cols < C
     x = _load_f32(x_ptr, src[:, None].to(tl.int64) * C + cols[None, :], (src < M)[:, None] & col_ok[None, :], IN_BF16, HW_CVT)
     biased = _rceil_exponent(_max(_abs_bits(x), 0))

@@ -55,13 +55,15 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = x.new_empty((n_out, n_cols))
     if n_out == 0 or n_cols == 0:
         return out
-    block_c = min(256, triton.next_power_of_2(n_cols))
-    block_r = max(1, 4096 // block_c)
+    # 16 x 1024 elements per program, 8 warps: 3.85-3.91 TB/s on an H200 at the E=64 MoE shape's unpads
+    # (95% of a contiguous copy_), against 3.70-3.76 TB/s for 16 x 256 (benchmarks/gather_tiles.py)
+    block_c = min(1024, triton.next_power_of_2(n_cols))
+    block_r = max(1, 16384 // block_c)
     grid = (triton.cdiv(n_out, block_r), triton.cdiv(n_cols, block_c))
     launch(
         _gather_rows_kernel, grid,
         x, index, out, x.shape[0], n_out, n_cols, x.stride(0), x.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
     )
     return out
 
