@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The MoE stacks' training step on the device tool's GPU machine (torch preinstalled, no network).
-# Carry the stacks' wheels for its Python (3.12) in .carry/wheels:
+# Its image has transformers 5.17, numpy and huggingface_hub; carry what it lacks, for its Python
+# (3.12), in .carry/wheels:
 #
-#   pip download --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.12 \
-#       transformers==5.18.0 pyyaml tyro==1.0.17 spmd_types==0.2.3 -d .carry/wheels
-#   pip download --no-deps torchtitan==0.3.0 nemo-automodel==0.7.0 -d .carry/wheels
+#   pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.12 \
+#       torchtitan==0.3.0 nemo-automodel==0.7.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser typeguard pyyaml \
+#       -d .carry/wheels
 #
 #   device run: bash benchmarks/run_stack_step_gpu.sh        (carry: [".carry/wheels"]; output in $OUT)
 #

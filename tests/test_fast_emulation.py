@@ -346,13 +346,13 @@ def train_losses(grouped_mm: Callable[..., torch.Tensor], steps: int, device: st
 @cuda
 @pytest.mark.parametrize("hp", [True, False])
 def test_tiny_moe_trains_bitwise_like_reference_cuda(hp: bool) -> None:
-    def reference(A, B, offs):
+    def reference_mm(A, B, offs):
         return reference.mxfp8_grouped_mm_reference(A, B, offs, torch.bfloat16, "rceil", hp)
 
     def fast_mm(A, B, offs):
         return fast.fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, "rceil", hp)
 
-    expected, expected_params = train_losses(reference, 50, "cuda")
+    expected, expected_params = train_losses(reference_mm, 50, "cuda")
     actual, actual_params = train_losses(fast_mm, 50, "cuda")
     assert actual == expected
     for a, b in zip(actual_params, expected_params):
