@@ -5,12 +5,15 @@
 
 Host time is measured as the wall time of N back-to-back calls issued while the GPU has
 nothing queued (a synchronize before, none inside the loop): the GPU work of these shapes
-takes less than the host's, so the figure is the CPU cost per call. Rows:
+takes less than the host's, so the figure is the CPU cost per call. The rows take turns
+round by round (a noisy host moves them alike), and the median round is printed. Rows:
 
   bf16 raw            torch._grouped_mm forward + backward (its own autograd)
   ..., triton launch  the same row with the direct launch off (every kernel through triton's own
                       JITFunction.run: binder, specialisation, cache key), interleaved in the same rounds
+  bf16 raw + hook     the same with the gradient-contiguity tensor hook the shim's bf16 path registers
   off                 resolve("off") forward + backward
+  off aligned         the same with groups_aligned=True
   fast raw            fast_mxfp8_grouped_mm forward + backward (no shim around it)
   emulated            resolve("emulated") (the fast emulation through the shim)
   emulated aligned    the same with groups_aligned=True
@@ -41,6 +44,7 @@ import torch
 
 from mxfp8_compat import resolve
 from mxfp8_compat.backends import fast_emulation as fast
+from mxfp8_compat.backends.grouped_mm import with_contiguous_grad
 from mxfp8_compat.kernels import launch as _kernel_launch
 from mxfp8_compat.layout import weight_relayout
 
@@ -54,18 +58,21 @@ def make_inputs(E: int, M: int, K: int, N: int, device: str):
     return A, B, offs, grad
 
 
-def host_us(step: Callable[[], object], sync: Callable[[], None], calls: int, rounds: int) -> float:
-    """Median over rounds of the host microseconds per call of ``calls`` back-to-back steps."""
-    samples = []
+def host_us(
+    rows: dict[str, Callable[[], object]], sync: Callable[[], None], calls: int, rounds: int
+) -> dict[str, float]:
+    """Per row, the median over rounds of the host microseconds per call of ``calls`` back-to-back
+    steps; every round runs each row once, in turn."""
+    samples: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-        sync()
-    samples.sort()
-    return samples[len(samples) // 2]
+        for name, step in rows.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
+            sync()
+    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
 
 
 def triton_launch(step: Callable[[], object]) -> Callable[[], object]:
@@ -101,12 +108,17 @@ def main() -> None:
     def raw_bf16(A, B, offs):
         return torch._grouped_mm(A, B, offs=offs)
 
+    def raw_bf16_hook(A, B, offs):
+        return with_contiguous_grad(torch._grouped_mm(A, B, offs=offs))
+
     def raw_fast(A, B, offs):
         return fast.fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, wgrad_with_hp=True)
 
     rows: dict[str, Callable[[], object]] = {
         "bf16 raw": fwd_bwd(raw_bf16),
+        "bf16 raw + hook": fwd_bwd(raw_bf16_hook),
         "off": fwd_bwd(off),
+        "off aligned": fwd_bwd(off, groups_aligned=True),
         "fast raw": fwd_bwd(raw_fast),
         "emulated": fwd_bwd(emulated),
         "emulated aligned": fwd_bwd(emulated, groups_aligned=True),
@@ -157,7 +169,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "emulation": emulated.emulation}
     print(json.dumps(info))
-    results = {name: host_us(step, sync, args.calls, args.rounds) for name, step in rows.items()}
+    results = host_us(rows, sync, args.calls, args.rounds)
     base = results["bf16 raw"]
     print(f"| host time per fwd+bwd call ({E}, {M}, {K}, {N}) | us | / bf16 raw |")
     print("|---|---|---|")
