@@ -28,6 +28,7 @@ def direct(monkeypatch):
         pytest.skip("this triton has no direct launch (before 3.4): triton's own launch runs")
     monkeypatch.setattr(_kernel_launch, "DIRECT_LAUNCH", True)
     monkeypatch.setattr(_kernel_launch, "_compiled", {})
+    monkeypatch.setattr(_kernel_launch, "_by_value", {})
     return _kernel_launch._compiled
 
 

@@ -24,7 +24,9 @@ the kernels themselves at small MoE shapes (issue 21). After triton has launched
 for a key, later launches with the same key call the compiled kernel's launcher directly, as
 triton itself does. The key holds everything triton specialises on, and more: each tensor's
 dtype and 16-byte alignment, each int's equality to 1, divisibility by 16 and 32/64-bit range,
-the constexprs and launch options, the device. Launch hooks (profilers such as proton) and
+the constexprs and launch options, the device. A launch repeating an earlier one's argument
+values (a training step at the same sizes) finds its entry by those values, without computing
+that key again. Launch hooks (profilers such as proton) and
 triton before 3.4 take triton's own launch. ``MXFP8_COMPAT_DIRECT_LAUNCH=0`` (read at import),
 or ``DIRECT_LAUNCH = False`` here, turns it off; ``with triton_launch():`` for one block.
 """
@@ -90,9 +92,9 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **options: Any) -> No
         kernel[grid](*args, **options)
     elif device != torch.cuda.current_device():
         with torch.cuda.device(device):
-            _run_cuda(kernel, grid, device, args, options)
+            _run_cuda(kernel, grid, device, args, positions, options)
     else:
-        _run_cuda(kernel, grid, device, args, options)
+        _run_cuda(kernel, grid, device, args, positions, options)
 
 
 # --- the direct launch ------------------------------------------------------------------------
@@ -100,6 +102,16 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **options: Any) -> No
 # (kernel, device, argument keys, options) -> (compiled kernel, values of the parameters after the
 # positional ones), or None where the kernel cannot be launched directly (triton falls back).
 _compiled: dict[tuple[Any, ...], Any] = {}
+# The same entries by the arguments' values: (id(kernel), device, argument types, argument values
+# with each tensor as its dtype and 16-byte alignment, options). A launch that repeats an earlier
+# one's sizes (every step of a training run at a fixed batch) builds this key without a Python call
+# per argument and without hashing the kernel (triton's JITFunction hashes under a lock); a new size
+# computes the specialisation key above once and finds its compiled kernel there. Values determine
+# every specialisation, so equal keys here mean equal keys there. Cleared when it reaches the limit
+# (sizes that change every call).
+_by_value: dict[tuple[Any, ...], Any] = {}
+_BY_VALUE_LIMIT = 4096
+_kernels: dict[int, Any] = {}  # id -> kernel, so that an id in _by_value's keys is never reused
 _MISSING = object()
 
 
@@ -172,21 +184,41 @@ def _entry(kernel: Any, compiled: Any, args: tuple[Any, ...], options: dict[str,
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def _run_cuda(kernel: Any, grid: tuple[int, ...], device: int, args: tuple[Any, ...], options: dict[str, Any]) -> None:
-    """``kernel[grid](*args, **options)`` on the current device, directly where triton has compiled it for this key."""
+def _run_cuda(
+    kernel: Any, grid: tuple[int, ...], device: int, args: tuple[Any, ...], positions: tuple[int, ...], options: dict[str, Any]
+) -> None:
+    """``kernel[grid](*args, **options)`` on the current device, directly where triton has compiled it for
+    this key (``positions``: where ``args`` holds tensors)."""
     runtime = _knobs_runtime()
     if not DIRECT_LAUNCH or runtime is None or _hooks_set(runtime):
         kernel[grid](*args, **options)
         return
+    values = list(args)
+    for position in positions:
+        tensor = values[position]
+        values[position] = (tensor.dtype, not tensor.data_ptr() & 15)
     try:
-        key = (kernel, device, tuple(map(_arg_key, args)), tuple(options.items()))
-        entry = _compiled.get(key, _MISSING)
-    except TypeError:  # an argument or option triton handles otherwise (unhashable, another type)
+        key = (id(kernel), device, tuple(map(type, args)), tuple(values), tuple(options.items()))
+        entry = _by_value.get(key, _MISSING)
+    except TypeError:  # an unhashable argument or option: triton handles it
         kernel[grid](*args, **options)
         return
     if entry is _MISSING:
-        _compiled[key] = _entry(kernel, kernel[grid](*args, **options), args, options)
-        return
+        try:
+            specialisation = (kernel, device, tuple(map(_arg_key, args)), tuple(options.items()))
+        except TypeError:  # an argument of a type the keys do not know: triton handles it
+            kernel[grid](*args, **options)
+            return
+        entry = _compiled.get(specialisation, _MISSING)
+        launched = entry is _MISSING
+        if launched:  # triton's own launch, which compiles or finds the kernel; later ones go direct
+            entry = _compiled[specialisation] = _entry(kernel, kernel[grid](*args, **options), args, options)
+        if len(_by_value) >= _BY_VALUE_LIMIT:
+            _by_value.clear()
+        _kernels.setdefault(id(kernel), kernel)
+        _by_value[key] = entry
+        if launched:
+            return
     if entry is None:
         kernel[grid](*args, **options)
         return
@@ -195,7 +227,6 @@ def _run_cuda(kernel: Any, grid: tuple[int, ...], device: int, args: tuple[Any, 
     grid_2 = grid[2] if len(grid) > 2 else 1
     compiled.run(grid[0], grid_1, grid_2, _current_stream(device), compiled.function, compiled.packed_metadata,
                  None, None, None, *args, *tail)
-
 
 
 @functools.lru_cache(maxsize=None)
