@@ -19,12 +19,11 @@ It also checks that the lean Function is bitwise the library's. Nothing is asser
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from host_time import host_us, make_inputs  # this folder: the inputs and the interleaved timing
 from mxfp8_compat.backends import fast_emulation as fast
-from mxfp8_compat.layout import weight_relayout
 
 
 def main() -> None:
@@ -34,11 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     E, M, K, N = (int(v) for v in args.shape.split(","))
-    dev = "cuda"
-    A = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    B = weight_relayout(torch.randn(E, K, N, device=dev, dtype=torch.bfloat16)).requires_grad_(True)
-    offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (M // E)
-    grad = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+    A, B, offs, grad = make_inputs(E, M, K, N, "cuda")
     ones = torch.ones_like(A)
 
     class Identity3(torch.autograd.Function):
@@ -100,16 +95,7 @@ def main() -> None:
         for _ in range(3):
             step()
     torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(args.rounds):
-        for name, step in rows.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                step()
-            samples[name].append((time.perf_counter() - start) / args.calls * 1e6)
-            torch.cuda.synchronize()
-    median = {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
+    median = host_us(rows, torch.cuda.synchronize, args.calls, args.rounds)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, shape {E},{M},{K},{N}, median of {args.rounds} rounds")
     print("| row | host us per call | / bf16 |")
     print("|---|---|---|")

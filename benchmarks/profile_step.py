@@ -22,15 +22,10 @@ import torch
 def profile(out_dir: str) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    from host_time import make_inputs  # this folder
     from mxfp8_compat.backends import fast_emulation as fast
-    from mxfp8_compat.layout import weight_relayout
 
-    dev = "cuda"
-    E, M, K, N = 8, 4096, 2048, 1024
-    A = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    B = weight_relayout(torch.randn(E, K, N, device=dev, dtype=torch.bfloat16)).requires_grad_(True)
-    offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (M // E)
-    grad = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+    A, B, offs, grad = make_inputs(8, 4096, 2048, 1024, "cuda")
 
     def fast_step():
         return torch.autograd.grad(fast.fast_mxfp8_grouped_mm(A, B, offs, torch.bfloat16, wgrad_with_hp=True), (A, B), grad)
